@@ -1,0 +1,154 @@
+"""Command-line interface: `dualref <command> ...`.
+
+Each command parses its arguments here and calls one function of the stage that does the work, imported
+lazily so that `dualref --help` stays fast. Config objects stop here and in the pipelines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dualref import __version__
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from dualref.data import check
+
+    return check.run_check(args.root, dataset=args.dataset, verify_images=not args.no_verify)
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from dualref.data import synthetic
+
+    synthetic.write_domain_pair(args.out, seed=args.seed, scale=args.scale)
+    print(f"synthetic domain pair written to {args.out}")
+    return 0
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from dualref import cluster_command
+
+    return cluster_command.run(args)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from dualref import config as config_lib
+    from dualref import source_training
+
+    cfg = config_lib.load_config(config_lib.PretrainConfig, args.config, args.set)
+    source_training.pretrain_on_source(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from dualref import adaptation
+    from dualref import config as config_lib
+
+    cfg = config_lib.load_config(config_lib.AdaptConfig, args.config, args.set)
+    adaptation.adapt_to_target(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dualref import source_training
+
+    return source_training.evaluate_checkpoint_command(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dualref import demo
+
+    return demo.run_demo(args.out, seed=args.seed, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="dualref",
+        description="Unsupervised domain adaptive person re-ID (Dual-Refinement).",
+    )
+    parser.add_argument("--version", action="version", version=f"dualref {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect or generate data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="validate a data set folder and print its statistics")
+    check.add_argument("root", help="the data set folder, or a folder holding it under its usual name")
+    check.add_argument(
+        "--dataset",
+        required=True,
+        help="market1501, dukemtmc, msmt17, folder (labelled) or unlabelled",
+    )
+    check.add_argument("--no-verify", action="store_true", help="skip decoding every image")
+    check.set_defaults(func=_cmd_data_check)
+    synth = data_sub.add_parser("synth", help="write the synthetic domain pair (Market-1501 layout)")
+    synth.add_argument("out", help="output folder; gets synth_a/ and synth_b/")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--scale", type=float, default=1.0, help="multiplies the number of identities")
+    synth.set_defaults(func=_cmd_data_synth)
+
+    cluster = sub.add_parser("cluster", help="Jaccard + DBSCAN + hierarchical refinement on saved features")
+    cluster.add_argument("features", help="[N, D] float .npy file")
+    cluster.add_argument("--pids", help="[N] int .npy of ground-truth ids, for the quality table only")
+    cluster.add_argument("--out", default=None, help="output folder (default: beside FEATURES)")
+    cluster.add_argument("--k1", type=int, default=20)
+    cluster.add_argument("--k2", type=int, default=6)
+    cluster.add_argument("--rho", type=float, default=1.6e-3, help="DBSCAN eps quantile (paper: rho)")
+    cluster.add_argument("--eps", type=float, default=None, help="fixed DBSCAN eps (overrides --rho)")
+    cluster.add_argument("--min-samples", type=int, default=4)
+    cluster.add_argument("--num-subclusters", type=int, default=2, help="paper: R")
+    cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--device", default="cpu")
+    cluster.set_defaults(func=_cmd_cluster)
+
+    for name, helptext, func in (
+        ("pretrain", "supervised source training + direct transfer", _cmd_pretrain),
+        ("adapt", "Dual-Refinement adaptation to the unlabelled target", _cmd_adapt),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", nargs="?", default=None, help="YAML file of differences from defaults")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one config field, e.g. --set optim.lr=3.5e-4 (repeatable)",
+        )
+        p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run")
+        p.set_defaults(func=func)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint on a data set's query/gallery")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--dataset", required=True)
+    evaluate.add_argument("--root", required=True)
+    evaluate.add_argument("--height", type=int, default=None, help="default: the checkpoint's")
+    evaluate.add_argument("--width", type=int, default=None, help="default: the checkpoint's")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--flip", action="store_true", help="average with horizontally flipped images")
+    evaluate.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="the whole method on the synthetic domain pair (no data needed)")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input is reported in one line that names the culprit; no traceback for user errors.
+        print(f"dualref: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dualref: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Data sets, records, transforms, samplers and loaders."""
