@@ -1,0 +1,150 @@
+"""Image transforms for re-ID training and testing (torchvision.transforms.v2).
+
+Inputs may be PIL images or ``[3, H, W]`` uint8 tensors. The geometric steps (resize, flip, pad, crop)
+run on uint8 data, which is 4x less memory traffic than float; conversion to float happens once, just
+before normalisation. Randomness comes from the torch global RNG, which DataLoader seeds per worker
+(see :mod:`dualref.data.loaders`).
+
+Reference pipeline (REFERENCE_BEHAVIOUR.md section 2): bicubic resize to (height, width), horizontal
+flip p=0.5, zero-pad 10 px then random crop back to (height, width), to float in [0, 1], ImageNet
+normalisation, then (target training only) random erasing written into the *normalised* tensor with the
+fill values 0.485 / 0.456 / 0.406.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class ReferenceRandomErasing(torch.nn.Module):
+    """Random erasing as the reference applies it (Zhong et al., "Random Erasing Data Augmentation",
+    AAAI 2020, Alg. 1).
+
+    With probability ``p``, up to 100 attempts draw a target area uniformly in ``scale`` times the
+    image area and an aspect ratio uniformly in ``[ratio, 1 / ratio]``; the first rectangle that fits
+    strictly inside the image is filled with ``value`` (one number per channel). This differs from
+    ``torchvision``'s RandomErasing, which draws the aspect ratio log-uniformly and tries 10 times.
+
+    Args:
+        p: probability of erasing an image.
+        scale: (min, max) erased fraction of the image area.
+        ratio: smallest aspect ratio h / w; the largest is its inverse (reference: 0.3 -> 3.33).
+        value: per-channel fill values, written as they are (the reference writes the ImageNet mean
+            into the already-normalised tensor).
+    """
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        *,
+        scale: tuple[float, float] = (0.02, 0.4),
+        ratio: float = 0.3,
+        value: Sequence[float] = IMAGENET_MEAN,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"random erasing probability must be in [0, 1], got {p}")
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        self.p = p
+        self.scale = scale
+        self.ratio = ratio
+        self.value = tuple(value)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Erase one rectangle of ``image`` [C, H, W] (float) with probability p; returns a new tensor."""
+        if self.p == 0.0 or torch.rand(()).item() >= self.p:
+            return image
+        channels, height, width = image.shape[-3:]
+        if len(self.value) != channels:
+            raise ValueError(f"{len(self.value)} fill values for an image with {channels} channels")
+        area = height * width
+        for _ in range(100):
+            target_area = area * _uniform(*self.scale)
+            aspect = _uniform(self.ratio, 1.0 / self.ratio)
+            h = round(math.sqrt(target_area * aspect))
+            w = round(math.sqrt(target_area / aspect))
+            if h < height and w < width:
+                top = int(torch.randint(0, height - h + 1, ()).item())
+                left = int(torch.randint(0, width - w + 1, ()).item())
+                out = image.clone()
+                fill = torch.tensor(self.value, dtype=image.dtype, device=image.device)
+                out[..., top : top + h, left : left + w] = fill.view(-1, 1, 1)
+                return out
+        return image
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def train_transform(
+    height: int,
+    width: int,
+    *,
+    flip_prob: float = 0.5,
+    pad: int = 10,
+    random_erasing_prob: float = 0.0,
+) -> Callable[[Any], Tensor]:
+    """Training augmentation: resize, flip, pad + crop, normalise, optional random erasing.
+
+    Args:
+        height: output height (reference: 256).
+        width: output width (reference: 128).
+        flip_prob: horizontal flip probability.
+        pad: zero padding on every side before the random crop back to (height, width); 0 disables.
+        random_erasing_prob: probability of random erasing after normalisation (0 = off, reference
+            pre-training; 0.5 in reference target training).
+
+    Returns:
+        A callable mapping a PIL image or [3, H, W] uint8 tensor to a [3, height, width] float32 tensor.
+    """
+    _check_size(height, width)
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    steps: list[Callable[..., Any]] = [
+        v2.ToImage(),
+        v2.Resize((height, width), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(flip_prob),
+    ]
+    if pad > 0:
+        steps += [v2.Pad(pad, fill=0), v2.RandomCrop((height, width))]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if random_erasing_prob > 0.0:
+        steps.append(ReferenceRandomErasing(random_erasing_prob))
+    steps.append(v2.ToPureTensor())
+    return v2.Compose(steps)
+
+
+def test_transform(height: int, width: int) -> Callable[[Any], Tensor]:
+    """Test transform: bicubic resize, to float, ImageNet normalisation (no flip).
+
+    Returns:
+        A callable mapping a PIL image or [3, H, W] uint8 tensor to a [3, height, width] float32 tensor.
+    """
+    _check_size(height, width)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((height, width), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got height={height}, width={width}")
