@@ -111,7 +111,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_positive("optim.lr", self.lr)
         _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        _check_positive("optim.epochs", self.epochs)
+        # 0 epochs = evaluate the starting model only (adaptation: the direct-transfer row)
+        _check_positive("optim.epochs", self.epochs, allow_zero=True)
         _check_positive("optim.iters_per_epoch", self.iters_per_epoch)
         _check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
         if list(self.milestones) != sorted(self.milestones):
@@ -155,6 +156,7 @@ class LossConfig:
     memory_loss: str = "spread_out"  # spread_out, or invariance (Table III's IN+TM)
     memory_momentum: float = 0.5  # update momentum of the traditional memory
     invariance_temperature: float = 0.05  # temperature of the invariance loss
+    invariance_num_neighbors: int = 6  # ECN neighbourhood size k (0 = exemplar invariance only)
     bank_grad_scale: float = 2.0  # the reference multiplies the bank gradient by 1/lambda = 2
 
     def __post_init__(self) -> None:
