@@ -146,3 +146,11 @@ def test_test_loader_keeps_order_and_random_loader_is_exact(images: list[Path]) 
     assert [len(b[3]) for b in random] == [5, 5, 5, 5]
     with pytest.raises(ValueError, match="set_epoch needs"):
         loaders.set_epoch(loader, 1)
+
+
+def test_batched_fetch_equals_per_item_transform(tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "odd", 6, size=(20, 45))
+    loader = loaders.test_loader(paths, height=H, width=W, batch_size=4, num_workers=0)
+    per_item = ImageDataset(paths, None, None, transforms.test_transform(H, W), resize_to=(H, W))
+    images = torch.cat([b[0] for b in loader])
+    torch.testing.assert_close(images, torch.stack([per_item[i][0] for i in range(6)]), atol=1e-5, rtol=0)

@@ -109,3 +109,49 @@ def test_random_erasing_probability_and_arguments() -> None:
         ReferenceRandomErasing(1.5)
     with pytest.raises(ValueError, match="image size"):
         transforms.train_transform(0, 10)
+
+
+def test_batch_augment_matches_the_per_image_semantics() -> None:
+    torch.manual_seed(2)
+    batch = torch.stack([random_uint8(s) for s in range(6)])
+    expected = torch.stack([normalised(image) for image in batch])
+    torch.testing.assert_close(transforms.normalise_batch(batch), expected)
+    plain = transforms.BatchTrainAugment(flip_prob=0.0, pad=0)
+    torch.testing.assert_close(plain(batch), expected)
+    flipped = transforms.BatchTrainAugment(flip_prob=1.0, pad=0)
+    torch.testing.assert_close(flipped(batch), expected.flip(-1))
+    # pad + crop: each image is one window of its own zero-padded image, at a random offset
+    pad = 2
+    padded = torch.stack([normalised(torch.nn.functional.pad(im, (pad,) * 4)) for im in batch])
+    offsets = set()
+    for _ in range(10):
+        out = transforms.BatchTrainAugment(flip_prob=0.0, pad=pad)(batch)
+        for i in range(len(batch)):
+            matches = [
+                (t, x)
+                for t in range(2 * pad + 1)
+                for x in range(2 * pad + 1)
+                if torch.allclose(out[i], padded[i, :, t : t + H, x : x + W], atol=1e-5)
+            ]
+            assert len(matches) == 1
+            offsets.add(matches[0])
+    assert len(offsets) > 15  # of 25 possible
+    with pytest.raises(ValueError, match="uint8"):
+        transforms.normalise_batch(batch.float())
+
+
+def test_batch_augment_random_erasing_fills_one_rectangle_per_erased_image() -> None:
+    torch.manual_seed(3)
+    batch = torch.stack([random_uint8(s, 64, 32) for s in range(200)])
+    base = transforms.normalise_batch(batch)
+    out = transforms.BatchTrainAugment(flip_prob=0.0, pad=0, random_erasing_prob=0.5)(batch)
+    erased = 0
+    for i in range(len(batch)):
+        changed = ((out[i] - base[i]).abs() > 1e-5).any(dim=0)
+        if not changed.any():
+            continue
+        erased += 1
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        box = out[i, :, int(rows.min()) : int(rows.max()) + 1, int(cols.min()) : int(cols.max()) + 1]
+        torch.testing.assert_close(box, torch.tensor(IMAGENET_MEAN).view(3, 1, 1).expand_as(box))
+    assert 70 < erased < 130  # binomial(200, 0.5): mean 100, sd 7

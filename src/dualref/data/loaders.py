@@ -140,6 +140,10 @@ class ImageDataset(Dataset[Item]):
         resize_to: (height, width) to resize to (bicubic, PIL) while decoding; None keeps the size.
         cache: decode every image once now (thread pool) and keep the uint8 pixels in RAM. Needs
             ``resize_to`` so that all images share one tensor. Raises ImageReadError on a bad file.
+        batch_transform: maps a [B, 3, H, W] uint8 batch to the model input; when given (with
+            ``resize_to``), DataLoader's batched fetch (``__getitems__``) uses it instead of calling
+            ``transform`` per image: the same augmentation, vectorised. Single items still use
+            ``transform``.
     """
 
     def __init__(
@@ -151,16 +155,18 @@ class ImageDataset(Dataset[Item]):
         *,
         resize_to: tuple[int, int] | None = None,
         cache: bool = False,
+        batch_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         for name, values in (("labels", labels), ("camids", camids)):
             if values is not None and len(values) != len(paths):
                 raise ValueError(f"{len(values)} {name} for {len(paths)} paths; expected equal lengths")
-        if cache and resize_to is None:
-            raise ValueError("cache=True needs resize_to=(height, width)")
+        if (cache or batch_transform is not None) and resize_to is None:
+            raise ValueError("cache=True and batch_transform need resize_to=(height, width)")
         self.paths = [Path(p) for p in paths]
         self.labels = [-1] * len(paths) if labels is None else [int(x) for x in labels]
         self.camids = [-1] * len(paths) if camids is None else [int(x) for x in camids]
         self.transform = transform
+        self.batch_transform = batch_transform
         self.resize_to = resize_to
         self.pixels: Tensor | None = self._decode_all() if cache else None
 
@@ -179,12 +185,28 @@ class ImageDataset(Dataset[Item]):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Item:
+    def _pixels(self, index: int) -> Tensor:
         if self.pixels is not None:
-            image = self.pixels[index]
+            return self.pixels[index]
+        return _to_uint8_tensor(read_image(self.paths[index], self.resize_to))
+
+    def __getitem__(self, index: int) -> Item:
+        image = self.transform(self._pixels(index))
+        return image, self.labels[index], self.camids[index], index
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Item]:
+        """The items of one batch; DataLoader calls this instead of ``__getitem__`` when it exists."""
+        if self.batch_transform is None:
+            return [self[i] for i in indices]
+        if self.pixels is not None:
+            pixels = self.pixels[torch.as_tensor(indices, dtype=torch.long)]
         else:
-            image = _to_uint8_tensor(read_image(self.paths[index], self.resize_to))
-        return self.transform(image), self.labels[index], self.camids[index], index
+            pixels = torch.stack([self._pixels(i) for i in indices])
+        images = self.batch_transform(pixels)
+        return [
+            (image, self.labels[i], self.camids[i], i)
+            for image, i in zip(images.unbind(0), indices, strict=True)
+        ]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -293,7 +315,18 @@ def train_loader(
     transform = transforms_lib.train_transform(
         height, width, flip_prob=flip_prob, pad=pad, random_erasing_prob=random_erasing_prob
     )
-    dataset = ImageDataset(paths, labels, camids, transform, resize_to=(height, width), cache=cache)
+    augment = transforms_lib.BatchTrainAugment(
+        flip_prob=flip_prob, pad=pad, random_erasing_prob=random_erasing_prob
+    )
+    dataset = ImageDataset(
+        paths,
+        labels,
+        camids,
+        transform,
+        resize_to=(height, width),
+        cache=cache,
+        batch_transform=augment,
+    )
     return _make_loader(
         dataset, seed=seed, num_workers=num_workers, pin_memory=pin_memory, batch_sampler=sampler
     )
@@ -320,6 +353,7 @@ def test_loader(
         transforms_lib.test_transform(height, width),
         resize_to=(height, width),
         cache=cache,
+        batch_transform=transforms_lib.normalise_batch,
     )
     return _make_loader(
         dataset, seed=0, num_workers=num_workers, pin_memory=pin_memory, batch_size=batch_size
@@ -350,7 +384,16 @@ def random_loader(
     transform = transforms_lib.train_transform(
         height, width, random_erasing_prob=random_erasing_prob
     )
-    dataset = ImageDataset(paths, None, None, transform, resize_to=(height, width), cache=cache)
+    augment = transforms_lib.BatchTrainAugment(random_erasing_prob=random_erasing_prob)
+    dataset = ImageDataset(
+        paths,
+        None,
+        None,
+        transform,
+        resize_to=(height, width),
+        cache=cache,
+        batch_transform=augment,
+    )
     return _make_loader(
         dataset, seed=seed, num_workers=num_workers, pin_memory=pin_memory, batch_sampler=sampler
     )
