@@ -1,0 +1,182 @@
+"""End-to-end tests of `dualref pretrain` / `dualref evaluate` on a tiny synthetic domain pair."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dualref import checkpoint, cli, losses, source_training, training
+from dualref.config import PretrainConfig, load_config
+from dualref.data import synthetic
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Any:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """6 training identities x 6 images per domain, rendered at 64x32 (well under a second)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    small = {"num_train_ids": 6, "num_test_ids": 4, "images_per_id": 6, "num_distractors": 2}
+    source = synthetic.write_domain(
+        out, dataclasses.replace(synthetic.domain_a_config(), height=64, width=32, **small)
+    )
+    target = synthetic.write_domain(
+        out, dataclasses.replace(synthetic.domain_b_config(), height=64, width=32, **small)
+    )
+    return source, target
+
+
+def overrides(domains: tuple[Path, Path], run_dir: Path, *extra: str) -> list[str]:
+    source, target = domains
+    return [
+        "data.source=market1501",
+        f"data.source_root={source}",
+        "data.target=market1501",
+        f"data.target_root={target}",
+        "data.height=32",
+        "data.width=16",
+        "data.batch_size=8",
+        "data.num_instances=4",
+        "data.test_batch_size=32",
+        "data.num_workers=0",
+        "model.arch=tiny",
+        "model.pretrained=null",
+        "optim.epochs=2",
+        "optim.iters_per_epoch=2",
+        "optim.warmup_epochs=2",
+        "optim.milestones=[2]",
+        "run.eval_every=1",
+        "run.progress=false",
+        # One thread: on a shared, oversubscribed CPU two OpenMP threads can be 20x slower.
+        "run.threads=1",
+        f"run.run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def metrics_lines(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_and_evaluate_from_the_command_line(
+    domains: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    args = ["pretrain"] + [f"--set={item}" for item in overrides(domains, run_dir)]
+    assert cli.main(args) == 0
+    for name in ("config.yaml", "run.log", "metrics.jsonl", "checkpoint.pt", "model_best.pt"):
+        assert (run_dir / name).is_file(), name
+    lines = metrics_lines(run_dir)
+    assert [(m["kind"], m["epoch"]) for m in lines] == [
+        ("train", 1),
+        ("eval_source", 1),
+        ("train", 2),
+        ("eval_source", 2),
+        ("direct_transfer", 2),
+    ]
+    for line in lines:
+        if line["kind"] == "train":
+            assert math.isfinite(line["total"]) and line["iterations"] == 2 and line["lr"] > 0
+        else:
+            assert 0.0 <= line["mAP"] <= 1.0 and 0.0 <= line["rank1"] <= line["rank10"] <= 1.0
+    # Reference stepping: epoch 0 trains at t=1, half-way through the 2-epoch warm-up:
+    # 0.01 x 0.5 + 0.5 = 0.505; epoch 1 at t=2 = the milestone: x0.1.
+    assert [m["lr"] for m in lines if m["kind"] == "train"] == pytest.approx([0.505 * 3.5e-4, 3.5e-5])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs"] == 2 and results["source"]["mAP"] == lines[3]["mAP"]
+    state = checkpoint.load_checkpoint(run_dir / "checkpoint.pt")
+    assert (state["epoch"], state["kind"], state["arch"], state["num_classes"]) == (
+        2,
+        "pretrain",
+        "tiny",
+        6,
+    )
+    assert "epoch" in checkpoint.load_checkpoint(run_dir / "model_best.pt")["selected_by"]
+
+    capsys.readouterr()
+    target = str(domains[1])
+    evaluate = ["evaluate", str(run_dir / "checkpoint.pt"), "--dataset=market1501", f"--root={target}"]
+    assert cli.main([*evaluate, "--workers=0"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"mAP\s+R1\s+R5\s+R10\s+mINP\s+valid queries", printed), printed
+    values = printed.strip().splitlines()[-1].split()
+    transfer = results["direct_transfer"]
+    assert float(values[0]) == pytest.approx(100 * transfer["mAP"], abs=0.051)
+    assert float(values[1]) == pytest.approx(100 * transfer["rank1"], abs=0.051)
+    assert int(values[-1]) == transfer["num_valid_queries"]
+    assert cli.main([*evaluate, "--workers=0", "--rerank", "--flip"]) == 0
+    assert "with flip, re-ranking" in capsys.readouterr().out
+
+    # A second fresh run in the same folder is refused, and nothing is overwritten.
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert cli.main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_bit_identically(
+    domains: tuple[Path, Path], tmp_path: Path, num_workers: int
+) -> None:
+    extra = [f"data.num_workers={num_workers}", "run.eval_every=0", "evaluate_target=false"]
+    straight = load_config(PretrainConfig, None, overrides(domains, tmp_path / "straight", *extra))
+    source_training.pretrain_on_source(straight)
+    first = load_config(
+        PretrainConfig, None, overrides(domains, tmp_path / "split", *extra, "optim.epochs=1")
+    )
+    source_training.pretrain_on_source(first)
+    after_one = checkpoint.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert after_one["epoch"] == 1
+    # The resumed process gets the 2-epoch config; its run_dir is taken from `resume`.
+    source_training.pretrain_on_source(straight, resume=str(tmp_path / "split"))
+
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for key, param_state in a["optimizer"]["state"].items():
+        for name, value in param_state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][key][name]))
+    log_text = (tmp_path / "split" / "run.log").read_text()
+    assert "optim.epochs: 1 -> 2" in log_text
+    # The comparison can fail: the second epoch did change the weights.
+    assert not all(torch.equal(t, after_one["model"][n]) for n, t in a["model"].items())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    domains: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_triplet = losses.batch_hard_triplet_loss
+    calls = {"n": 0}
+
+    def triplet_that_fails_in_epoch_two(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        value = real_triplet(*args, **kwargs)
+        return value * math.nan if calls["n"] > 2 else value  # 2 iterations per epoch
+
+    monkeypatch.setattr(losses, "batch_hard_triplet_loss", triplet_that_fails_in_epoch_two)
+    run_dir = tmp_path / "run"
+    cfg = load_config(PretrainConfig, None, overrides(domains, run_dir, "run.eval_every=0"))
+    with pytest.raises(training.NonFiniteLossError) as info:
+        source_training.pretrain_on_source(cfg)
+    message = str(info.value)
+    assert "loss became nan at epoch 1 iteration 0" in message
+    assert f"last good checkpoint is kept at {run_dir / 'checkpoint.pt'}" in message
+    state = checkpoint.load_checkpoint(run_dir / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert [m["epoch"] for m in metrics_lines(run_dir)] == [1]
+    assert "loss became nan" in (run_dir / "run.log").read_text()
