@@ -56,7 +56,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -99,7 +99,7 @@ def load_torchreid(folder: Path) -> Callable[[np.ndarray, Labels], Result] | Non
     if not list(folder.glob("rank_cy*.so")):
         return None
     sys.path.insert(0, str(folder))
-    import rank_cy  # type: ignore[import-not-found]
+    import rank_cy
 
     def evaluate(dist: np.ndarray, labels: Labels) -> Result:
         cmc, mean_ap = rank_cy.evaluate_cy(dist, *labels, 50)
@@ -286,7 +286,7 @@ def child_msmt(chunk_size: int, threads: int) -> None:
     )
 
 
-def run_child(args: list[str], timeout: float) -> dict[str, object]:
+def run_child(args: list[str], timeout: float) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -413,8 +413,8 @@ def main() -> None:
                  "--labels-file", str(labels_file), "--torchreid-dir", str(args.torchreid_dir)],
                 timeout=600,
             )
-            rise = float(child["peak_mb"]) - float(child["before_mb"])  # type: ignore[arg-type]
-            say(f"- {name}: +{rise:.0f} MB (process peak {float(child['peak_mb']):.0f} MB)")  # type: ignore[arg-type]
+            rise = child["peak_mb"] - child["before_mb"]
+            say(f"- {name}: +{rise:.0f} MB (process peak {child['peak_mb']:.0f} MB)")
         say()
 
     if not args.skip_msmt:
@@ -422,9 +422,11 @@ def main() -> None:
             f"{args.msmt_threads} torch threads")
         say()
         child = run_child(["--child", "msmt", "--msmt-threads", str(args.msmt_threads)], timeout=3000)
-        say(f"- wall time {float(child['seconds']):.1f} s (matmul + evaluation); "  # type: ignore[arg-type]
-            f"inputs {float(child['inputs_mb']):.0f} MB; process peak RSS "  # type: ignore[arg-type]
-            f"{float(child['peak_mb']):.0f} MB (before the call: {float(child['before_mb']):.0f} MB)")  # type: ignore[arg-type]
+        say(
+            f"- wall time {child['seconds']:.1f} s (matmul + evaluation); inputs "
+            f"{child['inputs_mb']:.0f} MB; process peak RSS {child['peak_mb']:.0f} MB "
+            f"(before the call: {child['before_mb']:.0f} MB)"
+        )
         say(f"- {child['metrics']} ({child['num_valid']} valid, {child['num_skipped']} skipped queries)")
         say()
     say(f"Load average at end: {load_average()}.")

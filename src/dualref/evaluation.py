@@ -318,7 +318,8 @@ def _chunk_metrics(
     sorted_rows = _sorted_rows(dist)  # [C, G]
     closer = torch.searchsorted(sorted_rows, match_dist)
     closer_or_equal = torch.searchsorted(sorted_rows, match_dist, right=True)
-    position = closer + _equal_and_earlier(dist, match_dist, match_index, closer_or_equal - closer > 1)
+    tied = real & (closer_or_equal - closer > 1)  # shares its distance with another entry
+    position = closer + _equal_and_earlier(dist, match_dist, match_index, tied)
     position = torch.where(real, position, 2 * num_gallery)  # padding sorts last
 
     # Walk the same-pid entries in ranked order; junk entries ahead of a match do not count.
