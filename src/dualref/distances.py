@@ -42,6 +42,8 @@ _MAX_TRIPLES = 1 << 22
 # Size of the per-step accumulator (rows of the step x N columns), in entries (float32 + int32
 # each).
 _ACCUMULATOR_ENTRIES = 1 << 23
+# Most candidates per row for which a block is merged by comparison rather than a full top-k.
+_MAX_CANDIDATES = 64
 # Gathered feature pairs per step when a similarity is not already known from the neighbour lists.
 _PAIRS_PER_DOT = 4096
 
@@ -93,14 +95,55 @@ def _prepared_features(
 
 
 def _merge_top(
-    best_sims: Tensor, best_idx: Tensor, rows: slice, block: Tensor, col_offset: int
+    best_sims: Tensor,
+    best_idx: Tensor,
+    rows: slice,
+    block: Tensor,
+    col_offset: int,
+    transposed: bool,
 ) -> None:
-    """Merge the row-wise top-k of `block` ([rows, cols] sims, first column col_offset) in place."""
+    """Merge the row-wise top-k of a similarity block into best[rows], in place.
+
+    `block` is [rows, cols] with first column col_offset, or [cols, rows] when `transposed` (the
+    block serves its columns). Once every row holds k candidates, only entries >= the row's current
+    k-th similarity can enter; they are few, so a comparison finds them, much cheaper than a full
+    top-k. Entries equal to the k-th are kept, so tie detection afterwards stays exact.
+    """
     k = best_sims.shape[1]
-    vals, pos = block.topk(min(k, block.shape[1]), dim=1)
+    num_rows = block.shape[1] if transposed else block.shape[0]
+    kth = best_sims[rows, k - 1]
+    if bool(torch.isfinite(kth).all()):
+        # Compare in the block's own (contiguous) layout: nonzero on a transposed view is slow.
+        if transposed:
+            c, r = torch.nonzero(block >= kth[None, :], as_tuple=True)
+            order = torch.sort(r, stable=True).indices
+            r, c = r[order], c[order]
+            cand = block[c, r]
+        else:
+            r, c = torch.nonzero(block >= kth[:, None], as_tuple=True)  # r ascending
+            cand = block[r, c]
+        counts = torch.bincount(r, minlength=num_rows)
+        width = int(counts.max()) if r.numel() > 0 else 0
+        if width == 0:
+            return
+        if width <= _MAX_CANDIDATES:
+            slot = torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]
+            vals = torch.full((num_rows, width), -torch.inf, dtype=block.dtype, device=block.device)
+            pos = torch.full((num_rows, width), -1, dtype=torch.int64, device=block.device)
+            vals[r, slot] = cand
+            pos[r, slot] = c + col_offset
+            _keep_top(best_sims, best_idx, rows, vals, pos)
+            return
+    view = block.T.contiguous() if transposed else block
+    vals, pos = view.topk(min(k, view.shape[1]), dim=1)
+    _keep_top(best_sims, best_idx, rows, vals, pos + col_offset)
+
+
+def _keep_top(best_sims: Tensor, best_idx: Tensor, rows: slice, vals: Tensor, idx: Tensor) -> None:
+    """best[rows] <- top-k of best[rows] and the candidates (vals, idx), both [rows, *]."""
     cand_sims = torch.cat([best_sims[rows], vals], dim=1)
-    cand_idx = torch.cat([best_idx[rows], pos + col_offset], dim=1)
-    top_vals, top_pos = cand_sims.topk(k, dim=1)
+    cand_idx = torch.cat([best_idx[rows], idx], dim=1)
+    top_vals, top_pos = cand_sims.topk(best_sims.shape[1], dim=1)
     best_sims[rows] = top_vals
     best_idx[rows] = cand_idx.gather(1, top_pos)
 
@@ -129,12 +172,11 @@ def _knn_normalised(feats: Tensor, k: int, chunk_size: int) -> Neighbors:
                 continue  # F F^T is symmetric: block (b, a) is the transpose of block (a, b)
             rows_b = slice(b, min(b + chunk_size, n))
             block = feats[rows_a] @ feats[rows_b].T
-            _merge_top(best_sims, best_idx, rows_a, block, b)
-            min_sims[rows_a] = torch.minimum(min_sims[rows_a], block.min(dim=1).values)
+            _merge_top(best_sims, best_idx, rows_a, block, b, transposed=False)
+            min_sims[rows_a] = torch.minimum(min_sims[rows_a], block.amin(dim=1))
             if b != a:
-                block_t = block.T.contiguous()
-                _merge_top(best_sims, best_idx, rows_b, block_t, a)
-                min_sims[rows_b] = torch.minimum(min_sims[rows_b], block_t.min(dim=1).values)
+                _merge_top(best_sims, best_idx, rows_b, block, a, transposed=True)
+                min_sims[rows_b] = torch.minimum(min_sims[rows_b], block.amin(dim=0))
     best_sims, best_idx = _sorted_by_sim_then_index(best_sims, best_idx)
     if kk > k:
         tied = torch.nonzero(best_sims[:, k - 1] == best_sims[:, k])[:, 0]
@@ -280,8 +322,8 @@ def _encoding(feats: Tensor, nbrs: Neighbors, k1: int) -> _SparseRows:
 def _expand_segments(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """Enumerate segments [starts[s], starts[s] + counts[s]): (segment id, position) per element."""
     seg = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    first = counts.cumsum(0) - counts
-    pos = torch.arange(seg.numel(), device=counts.device) - first[seg] + starts[seg]
+    shift = starts - (counts.cumsum(0) - counts)  # position minus running element number
+    pos = torch.arange(seg.numel(), device=counts.device) + shift[seg]
     return seg, pos
 
 
@@ -388,7 +430,8 @@ def _min_sums(
         partner_start[lo:hi], cols.colptr[entry_cols + 1] - partner_start[lo:hi]
     )
     contrib = torch.minimum(v.vals[lo:hi][seg], cols.vals[pos])
-    keys = (v.rows[lo:hi][seg] - r0) * num_keys_per_row + (cols.rows[pos] - key_offset)
+    row_keys = (v.rows[lo:hi] - r0) * num_keys_per_row - key_offset  # per entry: few, cheap
+    keys = row_keys[seg] + cols.rows[pos]
     if dense_out is not None:
         dense_out.index_add_(0, keys, contrib)
         return None
