@@ -54,9 +54,7 @@ def naive_eps(dense: np.ndarray, rho: float) -> float:
 def test_dbscan_eps_golden() -> None:
     # 4 points; upper-triangular pairs (0,1)=0, (0,2)=.2, (0,3)=.6, (1,3)=.4, (1,2) and (2,3) absent (=1).
     # count = 6 pairs - 1 exact zero = 5; rho = 0.5 -> round(2.5) = 2 (half to even) -> mean(.2, .4) = .3.
-    dense = np.array(
-        [[0, 0, 0.2, 0.6], [0, 0, 1, 0.4], [0.2, 1, 0, 1], [0.6, 0.4, 1, 0]], dtype=np.float64
-    )
+    dense = np.array([[0, 0, 0.2, 0.6], [0, 0, 1, 0.4], [0.2, 1, 0, 1], [0.6, 0.4, 1, 0]], dtype=np.float64)
     dist = sparse_from_dense(dense)
     assert dist.nnz == 12  # 4 diagonal zeros + (0, 1) zero pair + 3 non-zero pairs, both triangles
     assert clustering.dbscan_eps(dist, rho=0.5) == pytest.approx(0.3)

@@ -146,3 +146,13 @@ def test_rejects_bad_input() -> None:
         refinement.refine_labels(features, np.array([0, 0, 1]), 2)
     with pytest.raises(ValueError, match="features"):
         refinement.refine_labels(torch.ones(4, 2, dtype=torch.long), np.array([0, 0, 1, 1]), 2)
+
+
+def test_fewer_distinct_points_than_subclusters() -> None:
+    # 4 members but only 2 distinct points, R = 3: k-means++ must repeat a seed, one centre starts empty
+    # and is moved onto a point (scikit-learn's relocation). Prototypes: both points, one of them twice.
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.6, 0.8]])
+    prototypes = refinement.subcluster_prototypes(features, np.array([0, 0, 0, 0, 1]), 3)
+    found = {tuple(row) for row in prototypes[0].tolist()}
+    assert found == {(1.0, 0.0), (0.0, 1.0)}
+    assert torch.isfinite(prototypes).all()

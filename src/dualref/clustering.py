@@ -77,9 +77,7 @@ def dbscan_eps(dist: scipy.sparse.csr_matrix, rho: float = 1.6e-3) -> float:
     return float(total / num_selected)
 
 
-def cluster_dbscan(
-    dist: scipy.sparse.csr_matrix, eps: float, min_samples: int = 4
-) -> np.ndarray:
+def cluster_dbscan(dist: scipy.sparse.csr_matrix, eps: float, min_samples: int = 4) -> np.ndarray:
     """DBSCAN on a sparse precomputed distance graph; the labels of scikit-learn's dense DBSCAN.
 
     Same result as ``sklearn.cluster.DBSCAN(eps, min_samples=min_samples, metric="precomputed")`` on the

@@ -98,9 +98,9 @@ def _kmeans_plus_plus(
     closest = _sq_dist_to_points(points, first)  # [B, S, M]
     potential = closest.sum(-1)
     for _ in range(1, num_subclusters):
-        draws = torch.rand(
-            batch, num_restarts, num_trials, generator=generator, dtype=torch.float64
-        ).to(device)
+        draws = torch.rand(batch, num_restarts, num_trials, generator=generator, dtype=torch.float64).to(
+            device
+        )
         targets = draws * potential[:, :, None]
         candidates = torch.searchsorted(closest.cumsum(-1).contiguous(), targets.contiguous())
         candidates = torch.minimum(candidates, sizes[:, :, None] - 1)  # [B, S, T]
@@ -114,51 +114,101 @@ def _kmeans_plus_plus(
     return torch.stack(seeds, dim=-1)
 
 
+def _subset(points: _Points, keep: Tensor) -> _Points:
+    """The clusters ``keep`` ([B] bool) of a bucket."""
+    return points._replace(
+        data=points.data[keep],
+        sq_norms=points.sq_norms[keep],
+        valid=points.valid[keep],
+        sizes=points.sizes[keep],
+    )
+
+
+def _relocated(labels: Tensor, own_dist: Tensor, empty: Tensor, valid: Tensor) -> Tensor:
+    """[B, S, M] labels for the centre update with every empty centre given a far point, as scikit-learn.
+
+    scikit-learn moves each empty centre onto one of the points farthest from their own centre (the j-th
+    empty centre gets the j-th farthest point here) and removes that point from its old cluster's mean.
+
+    Args:
+        labels: [B, S, M] assignments; own_dist: [B, S, M] squared distance to the assigned centre;
+        empty: [B, S, R] centres without a point; valid: [B, M] padding mask.
+    """
+    far = own_dist.masked_fill(~valid[:, None, :], -1.0).argsort(dim=-1, descending=True, stable=True)
+    rank = empty.cumsum(-1) - 1
+    labels = labels.clone()
+    for j in range(empty.shape[2] - 1):  # at most R - 1 centres can be empty
+        target = (rank == j) & empty
+        point = far[..., j : j + 1]
+        current = labels.gather(2, point)
+        labels.scatter_(
+            2,
+            point,
+            torch.where(target.any(-1, keepdim=True), target.long().argmax(-1, keepdim=True), current),
+        )
+    return labels
+
+
 def _batched_kmeans(
     points: _Points, num_subclusters: int, num_restarts: int, generator: torch.Generator
 ) -> Tensor:
     """[B, R, M] centre weights (centres = weights @ member features) of the best restart per cluster.
 
     Lloyd's algorithm as in scikit-learn, run for all clusters and restarts at once; each (cluster, restart)
-    stops on its own when its labels no longer change or its total squared centre shift is <= tol. A centre
-    that loses all its points keeps its position (scikit-learn moves it to a far point instead; with
-    k-means++ seeds this is rare and only possible after the first iteration).
+    stops on its own when its labels no longer change or its total squared centre shift is <= tol. Empty
+    centres move to far points as in scikit-learn (a centre left empty even then keeps its position).
+    Clusters whose restarts have all stopped leave the batch once they are half of it.
     """
     batch, num_points = points.valid.shape
     device, R, S = points.data.device, num_subclusters, num_restarts
-    valid = points.valid[:, None, None, :]  # [B, 1, 1, M]
     sizes = points.sizes.to(torch.float64)
     # scikit-learn's tolerance: tol * mean over the D dimensions of the per-dimension variance, from
-    # sum_d var_d = mean |x|^2 - |mean x|^2.
+    # sum_d var_d = mean |x|^2 - |mean x|^2, with |sum x|^2 = sum_ij G_ij.
     mean_sq = points.sq_norms.sum(1) / sizes
-    # |sum x|^2 = sum_ij G_ij
     sum_sq = points.data.sum((1, 2)) if points.use_gram else (points.data.sum(1) ** 2).sum(-1)
     tol = RELATIVE_TOL * (mean_sq - sum_sq / sizes**2).clamp_min(0.0) / points.num_dims  # [B]
 
     seeds = _kmeans_plus_plus(points, R, S, generator)  # [B, S, R]
     weights = torch.zeros(batch, S, R, num_points, dtype=torch.float64, device=device)
     weights.scatter_(3, seeds[..., None], 1.0)
+    subcluster_ids = torch.arange(R, device=device)[None, None, :, None]
+    # The working set: clusters with a restart still iterating.
+    work = torch.arange(batch, device=device)
+    work_points, work_weights, work_tol = points, weights, tol
     labels_old = torch.full((batch, S, num_points), -1, dtype=torch.long, device=device)
     active = torch.ones(batch, S, dtype=torch.bool, device=device)
-    subcluster_ids = torch.arange(R, device=device)[None, None, :, None]
     for _ in range(MAX_ITER):
-        dist = _sq_dist_to_centres(points, weights.reshape(batch, S * R, num_points))
-        labels = dist.reshape(batch, num_points, S, R).argmin(-1).transpose(1, 2)  # [B, S, M]
-        onehot = (labels[:, :, None, :] == subcluster_ids) & valid  # [B, S, R, M]
-        counts = onehot.sum(-1, keepdim=True)
-        new_weights = torch.where(counts > 0, onehot / counts.clamp_min(1), weights)
-        shift = _centre_shift(
-            points, (new_weights - weights).reshape(batch, S * R, num_points)
-        ).reshape(batch, S, R).sum(-1)
-        unchanged = ((labels == labels_old) | ~points.valid[:, None, :]).all(-1)
-        step = active[:, :, None, None]
-        weights = torch.where(step, new_weights, weights)
+        size = work.numel()
+        valid = work_points.valid
+        dist = _sq_dist_to_centres(work_points, work_weights.reshape(size, S * R, num_points))
+        own_dist, labels = dist.reshape(size, num_points, S, R).min(-1)
+        labels, own_dist = labels.transpose(1, 2), own_dist.transpose(1, 2)  # [W, S, M]
+        onehot = (labels[:, :, None, :] == subcluster_ids) & valid[:, None, None, :]  # [W, S, R, M]
+        counts = onehot.sum(-1)
+        if bool((counts == 0).any()):
+            moved = _relocated(labels, own_dist, counts == 0, valid)
+            onehot = (moved[:, :, None, :] == subcluster_ids) & valid[:, None, None, :]
+            counts = onehot.sum(-1)
+        counts = counts[..., None]
+        new_weights = torch.where(counts > 0, onehot / counts.clamp_min(1), work_weights)
+        shift = (
+            _centre_shift(work_points, (new_weights - work_weights).reshape(size, S * R, num_points))
+            .reshape(size, S, R)
+            .sum(-1)
+        )
+        unchanged = ((labels == labels_old) | ~valid[:, None, :]).all(-1)
+        work_weights = torch.where(active[:, :, None, None], new_weights, work_weights)
         labels_old = torch.where(active[:, :, None], labels, labels_old)
         # Both stopping rules of scikit-learn: strict label convergence, or centre shift <= tol.
-        tol_reached = shift <= tol[:, None]
-        active &= ~(unchanged | tol_reached)
-        if not bool(active.any()):
+        active = active & ~(unchanged | (shift <= work_tol[:, None]))
+        keep = active.any(1)
+        if not bool(keep.any()):
             break
+        if 2 * int(keep.sum()) <= size:
+            weights[work] = work_weights
+            work, work_points, work_weights = work[keep], _subset(work_points, keep), work_weights[keep]
+            work_tol, labels_old, active = work_tol[keep], labels_old[keep], active[keep]
+    weights[work] = work_weights
 
     # Final E-step with the last centres (scikit-learn does the same after a tol stop), then the inertia.
     dist = _sq_dist_to_centres(points, weights.reshape(batch, S * R, num_points))
