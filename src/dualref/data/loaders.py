@@ -17,9 +17,9 @@ batches (``ImageDataset.__getitems__``) and augment them as one uint8 tensor
 conversion and normalisation, erasing in place. Measured on Market train, 128x64, batch 64, one
 process: 27 ms per batch cached and 77 ms uncached, against 105 ms and 221 ms with per-image
 torchvision v2 pipelines (2-core machine at load average ~13, so absolute numbers are inflated).
-``pin_memory`` only helps when batches go to CUDA. With 2 cores, ``num_workers=0`` plus ``cache=True``
-is usually best: loading then costs a few percent of a training step and no process competes with the
-network for the cores.
+``pin_memory`` only helps when batches go to CUDA. On 2 cores, ``num_workers=0`` with ``cache=True``
+avoids a worker process competing with the network for the cores; whether that beats a worker depends
+on the step time (benchmarks/bench_throughput.py measures both).
 
 Determinism: the batch order is a function of (seed, epoch) (see :mod:`dualref.data.samplers`).
 Augmentations draw from torch's RNG; with ``num_workers > 0`` DataLoader seeds each worker from the
