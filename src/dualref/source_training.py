@@ -240,6 +240,9 @@ def _training_state(
 def _evaluate_logged(
     run: runs.Run, model: nn.Module, splits: ReidSplits, cfg: PretrainConfig, epoch: int, kind: str
 ) -> RankMetrics:
+    # Evaluation draws no random numbers today; restoring the RNGs guarantees that the evaluation
+    # cadence (run.eval_every) can never change the training that follows.
+    rng = seeding.rng_state()
     metrics = evaluate_model(
         model,
         splits,
@@ -251,6 +254,7 @@ def _evaluate_logged(
         amp_dtype=AMP_DTYPES[cfg.run.amp],
         progress=cfg.run.progress,
     )
+    seeding.set_rng_state(rng)
     run.log_metrics(epoch, {"dataset": splits.name, **_metrics_dict(metrics)}, kind=kind)
     log.info("%s on %s after epoch %d: %s", kind, splits.name, epoch, evaluation.format_metrics(metrics))
     return metrics
