@@ -71,7 +71,7 @@ class PseudoLabels(NamedTuple):
     """The off-line stage's output for one epoch."""
 
     coarse: np.ndarray  # [N] int64 DBSCAN cluster of every target image, -1 = outlier
-    refined: np.ndarray  # [N] int64 hierarchical-refinement label (computed for outliers too, unused)
+    refined: np.ndarray | None  # [N] int64 refined label (outliers too, unused); None if alpha = 0
     num_clusters: int  # L
 
 
@@ -113,8 +113,12 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         target = _load_target(cfg)
         images = _target_images(target.train)
         monitor_pids = _monitoring_pids(target.train)
-        cluster_loader = _test_loader(images.paths, cfg)
         model = _build_model(cfg).to(device)
+        if cfg.optim.epochs == 0:  # direct transfer: evaluate the starting model only
+            _evaluate_and_log(run, model, target, cfg, device, epoch=0)
+            report.write_report(run.path)
+            return run.path
+        cluster_loader = _test_loader(images.paths, cfg)
         memory = _build_memory(cfg, num_samples=len(images.paths), feat_dim=model.feat_dim)
         state = _restore(run.checkpoint_path, model, memory, device) if resume is not None else None
         eps = state.eps if state else None
@@ -149,7 +153,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
                     model,
                     loader,
                     optimizer,
-                    torch.as_tensor(labels.refined, device=device),
+                    torch.as_tensor(_refined_or_coarse(labels), device=device),
                     memory=memory,
                     settings=settings,
                     device=device,
@@ -171,8 +175,6 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
             if _evaluation_due(cfg, epoch + 1):
                 _evaluate_and_log(run, model, target, cfg, device, epoch=epoch + 1)
             seeding.set_rng_state(rng)  # evaluation must not change what the next epoch draws
-        if not _evaluation_due(cfg, cfg.optim.epochs) or cfg.optim.epochs == 0:
-            _evaluate_and_log(run, model, target, cfg, device, epoch=cfg.optim.epochs)
         report.write_report(run.path)
         return run.path
 
@@ -370,9 +372,11 @@ def _label_quality_record(labels: PseudoLabels, pids: np.ndarray | None) -> dict
     if pids is None:
         return {}
     record: dict[str, float] = {}
-    # Outliers are left out of both (the refined label of an outlier is never used).
-    refined = np.where(labels.coarse >= 0, labels.refined, -1)
-    for name, values in (("coarse", labels.coarse), ("refined", refined)):
+    label_sets = {"coarse": labels.coarse}
+    if labels.refined is not None:
+        # Outliers are left out of both (the refined label of an outlier is never used).
+        label_sets["refined"] = np.where(labels.coarse >= 0, labels.refined, -1)
+    for name, values in label_sets.items():
         quality = label_quality.label_quality(values, pids)
         record[f"{name}_precision"] = quality.pairwise_precision
         record[f"{name}_recall"] = quality.pairwise_recall
@@ -393,14 +397,17 @@ def _pseudo_labels(features: Tensor, coarse: np.ndarray, cfg: AdaptConfig, *, ep
         refined = refinement.refine_labels(
             features, coarse, cfg.clustering.num_subclusters, seed=cfg.run.seed
         )
-    else:  # the baseline never reads refined labels; do not pay for the k-means
-        refined = coarse.copy()
-    return PseudoLabels(coarse, np.asarray(refined, dtype=np.int64), num_clusters)
+        return PseudoLabels(coarse, np.asarray(refined, dtype=np.int64), num_clusters)
+    return PseudoLabels(coarse, None, num_clusters)  # never read with alpha = 0: skip the k-means
+
+
+def _refined_or_coarse(labels: PseudoLabels) -> np.ndarray:
+    return labels.refined if labels.refined is not None else labels.coarse
 
 
 def _label_record(eps: float, labels: PseudoLabels, lr: float) -> dict[str, float | int]:
     clustered = labels.coarse >= 0
-    moved = labels.refined[clustered] != labels.coarse[clustered]
+    moved = _refined_or_coarse(labels)[clustered] != labels.coarse[clustered]
     changed = float(moved.mean()) if clustered.any() else 0.0
     return {
         "eps": eps,
@@ -419,7 +426,9 @@ def _epoch_summary(record: dict[str, Any]) -> str:
         f"loss {record['loss_total']:.3f}",
     ]
     if "coarse_fscore" in record:
-        parts.append(f"F coarse/refined {record['coarse_fscore']:.3f}/{record['refined_fscore']:.3f}")
+        parts.append(f"F coarse {record['coarse_fscore']:.3f}")
+    if "refined_fscore" in record:
+        parts.append(f"F refined {record['refined_fscore']:.3f}")
     stages = ", ".join(f"{k[8:]} {v:.0f}s" for k, v in record.items() if k.startswith("seconds_"))
     return " | ".join([*parts, stages])
 
@@ -617,6 +626,7 @@ def _evaluate_and_log(
 
 
 def _evaluation_due(cfg: AdaptConfig, epochs_done: int) -> bool:
+    """Every `run.eval_every` epochs, and always after the last one (0 = only after the last)."""
     every = cfg.run.eval_every
     return epochs_done == cfg.optim.epochs or (every > 0 and epochs_done % every == 0)
 

@@ -99,7 +99,7 @@ def write_report(run_dir: str | Path) -> Path:
         )
         plots.append(RANK_PLOT)
     path = run_dir / SUMMARY_FILE
-    _write_atomic(path, lambda tmp: tmp.write_text(summary_markdown(epochs, config, plots)))
+    write_text(path, summary_markdown(epochs, config, plots))
     return path
 
 
@@ -196,22 +196,61 @@ def plot_series(
     title: str,
     path: Path,
 ) -> None:
-    """A line plot of some record keys against the epoch, written as PNG (atomically).
+    """Several record keys of one run against the epoch (e.g. coarse and refined F-score), as PNG.
 
     Args:
-        epochs: the merged per-epoch records.
+        epochs: the merged per-epoch records (`read_epochs`).
         series: legend label -> record key; epochs without the key are skipped.
         ylabel, title: axis label and title.
-        path: the PNG file.
+        path: the PNG file (written atomically).
     """
+    lines = {label: _points(epochs, key) for label, key in series.items()}
+    _line_plot(lines, ylabel=ylabel, title=title, path=path)
+
+
+def plot_comparison(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    key: str,
+    *,
+    ylabel: str,
+    title: str,
+    path: Path,
+    reference: tuple[str, float] | None = None,
+) -> None:
+    """One record key of several runs against the epoch (e.g. target mAP of baseline vs full), as PNG.
+
+    Args:
+        runs: legend label -> merged per-epoch records of that run (`read_epochs`).
+        key: the record key to plot.
+        ylabel, title: axis label and title.
+        path: the PNG file (written atomically).
+        reference: optional (label, value) drawn as a horizontal dashed line (e.g. direct transfer).
+    """
+    lines = {label: _points(epochs, key) for label, epochs in runs.items()}
+    _line_plot(lines, ylabel=ylabel, title=title, path=path, reference=reference)
+
+
+def _points(epochs: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(int(r["epoch"]), float(r[key])) for r in epochs if r.get(key) is not None]
+
+
+def _line_plot(
+    lines: Mapping[str, list[tuple[int, float]]],
+    *,
+    ylabel: str,
+    title: str,
+    path: Path,
+    reference: tuple[str, float] | None = None,
+) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5.0, 3.4), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for label, key in series.items():
-        points = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
+    if reference is not None:
+        axes.axhline(reference[1], color="grey", linestyle="--", label=reference[0])
+    for label, points in lines.items():
         if points:
             xs, ys = zip(*points, strict=True)
             axes.plot(xs, ys, marker="o", markersize=3, label=label)
@@ -222,6 +261,11 @@ def plot_series(
     axes.legend()
     figure.tight_layout()
     _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file in the same folder, then rename)."""
+    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
