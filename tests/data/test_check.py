@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import shared_dataset
 from dualref import cli
 from dualref.data import check
 
@@ -92,3 +93,16 @@ def test_unlabelled_needs_no_query_or_gallery(tmp_path: Path, capsys: pytest.Cap
     lines = [ln.split() for ln in capsys.readouterr().out.splitlines()]
     # all 9 images (junk included: nothing is parsed), pid -1, cameras c1..c4 -> 4 cameras
     assert ["train", "9", "1", "4", "0"] in lines and ["query", "0", "0", "0", "0"] in lines
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_market1501_report() -> None:
+    out = io.StringIO()
+    root = shared_dataset("Market-1501")
+    status = check.run_check(root, dataset="market1501", verify_images=False, out=out)
+    lines = [ln.split() for ln in out.getvalue().splitlines()]
+    assert status == 0
+    assert ["train", "12,936", "751", "6", "0"] in lines
+    assert ["query", "3,368", "750", "6", "0"] in lines
+    assert ["gallery", "15,913", "751", "6", "3,819"] in lines

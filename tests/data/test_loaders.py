@@ -77,6 +77,9 @@ def test_corrupt_or_missing_image_is_an_error_naming_the_file(images: list[Path]
     loader = loaders.test_loader(images, height=H, width=W, batch_size=4, num_workers=0)
     with pytest.raises(ImageReadError, match=r"0002_c1_x\.jpg"):
         list(loader)
+    in_worker = loaders.test_loader(images, height=H, width=W, batch_size=4, num_workers=1)
+    with pytest.raises(ImageReadError, match=r"0002_c1_x\.jpg"):  # re-raised in the main process
+        list(in_worker)
     with pytest.raises(ImageReadError, match=r"0002_c1_x\.jpg"):
         loaders.test_loader(images, height=H, width=W, num_workers=0, cache=True)
 
