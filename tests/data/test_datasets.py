@@ -185,6 +185,13 @@ def test_folder_labelled_by_subfolder(tmp_path: Path) -> None:
     assert triples(splits.gallery) == [("b_c1.jpg", 0, 1), ("c_c1.jpg", 2, 1)]
 
 
+def test_folder_mixing_named_files_and_named_identity_folders_never_collides(tmp_path: Path) -> None:
+    touch(tmp_path / "query", "5_c1_a.jpg")
+    touch(tmp_path / "query" / "zoe", "b.jpg")
+    splits = datasets.load_dataset("folder", tmp_path)
+    assert triples(splits.query) == [("5_c1_a.jpg", 5, 1), ("b.jpg", 6, 0)]  # zoe numbered after 5
+
+
 def test_folder_numeric_subfolders_keep_their_pid(tmp_path: Path) -> None:
     touch(tmp_path / "bounding_box_train" / "0017", "a.jpg")
     touch(tmp_path / "bounding_box_train" / "0003", "b.jpg")

@@ -66,8 +66,7 @@ def check_dataset(root: str | Path, *, dataset: str, verify_images: bool = True)
         FileNotFoundError: the data set folder or a required part of it is missing.
     """
     report = datasets.load_dataset_report(dataset, root)
-    splits = {"train": report.splits.train, "query": report.splits.query}
-    splits["gallery"] = report.splits.gallery
+    splits = {name: getattr(report.splits, name) for name in datasets.SPLIT_NAMES}
     errors = [f"{p.path}: {p.reason}" for p in report.problems]
     stats = [
         SplitStats(

@@ -22,7 +22,8 @@ Layouts (``root`` may be the data set folder itself or a parent holding it under
   labelled either by its name, ``PID_cCAM_anything.ext`` (pid -1 = junk, dropped and counted), or by
   the sub-folder holding it (``query/<identity>/<image>``, camera from a ``cN`` name field if present).
   Identity folders named by integers keep that pid; otherwise folder names across all splits are
-  sorted and numbered 0..K-1, so query and gallery agree.
+  sorted and numbered 0..K-1 (after the largest pid parsed from file names, if any), so query and
+  gallery agree. Images deeper than one sub-folder level are not read.
 * ``unlabelled``: every image under ``root``, recursively, in ``.train`` with pid -1 (query and gallery
   empty).
 
@@ -337,7 +338,9 @@ def _load_folder(root: Path) -> LoadReport:
     if all(name.isdigit() for name in folder_names):
         folder_pid = {name: int(name) for name in folder_names}
     else:
-        folder_pid = {name: i for i, name in enumerate(sorted(folder_names))}
+        # Named identities are numbered after any pid parsed from file names, so the two never collide.
+        first = 1 + max((pid for e in raw.values() for _, pid, _ in e if isinstance(pid, int)), default=-1)
+        folder_pid = {name: first + i for i, name in enumerate(sorted(folder_names))}
     camid = {cam: i for i, cam in enumerate(sorted({c for e in raw.values() for _, _, c in e}))}
     train, query, gallery = (
         _by_path(
