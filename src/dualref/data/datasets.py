@@ -145,19 +145,19 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = True) -> ReidSpl
 
 def load_dataset_report(name: str, root: str | Path) -> LoadReport:
     """Like :func:`load_dataset`, never strict, and also returning junk counts and parse problems."""
-    loaders: dict[str, Callable[[Path], LoadReport]] = {
+    parsers: dict[str, Callable[[Path], LoadReport]] = {
         "market1501": _load_market1501,
         "dukemtmc": _load_dukemtmc,
         "msmt17": _load_msmt17,
         "folder": _load_folder,
         "unlabelled": _load_unlabelled,
     }
-    if name not in loaders:
+    if name not in parsers:
         raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASET_NAMES)}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data set folder {root} does not exist (data set {name!r})")
-    return loaders[name](root.absolute())
+    return parsers[name](root.absolute())
 
 
 def resolve_root(name: str, root: Path) -> Path:
