@@ -259,7 +259,7 @@ def child_msmt(chunk_size: int, threads: int) -> None:
         out = np.empty((len(pids), dim), dtype=np.float32)  # filled in blocks: low peak
         for start in range(0, len(pids), 4096):
             block = centres[pids[start : start + 4096]]
-            block += 1.2 * rng.standard_normal(block.shape, dtype=np.float32)
+            block += 3.3 * rng.standard_normal(block.shape, dtype=np.float32)  # mAP ~ 50%
             block /= np.linalg.norm(block, axis=1, keepdims=True)
             out[start : start + 4096] = block
         return out
