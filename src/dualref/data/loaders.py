@@ -14,9 +14,10 @@ once, by a thread pool, into one ``[N, 3, H, W]`` uint8 tensor (Market train at 
 = 318 MB; at 256x128, 1.3 GB) that forked workers share copy-on-write; (3) the loaders fetch whole
 batches (``ImageDataset.__getitems__``) and augment them as one uint8 tensor
 (:class:`~dualref.data.transforms.BatchTrainAugment`): flip, pad and crop on uint8, a single float
-conversion and normalisation, erasing in place. Measured on Market train, 128x64, batch 64, one
-process: 27 ms per batch cached and 77 ms uncached, against 105 ms and 221 ms with per-image
-torchvision v2 pipelines (2-core machine at load average ~13, so absolute numbers are inflated).
+conversion and normalisation, erasing in place. Measured side by side on Market train, 128x64,
+batch 64, one process, one thread (medians of 30 batches): 27 ms per batch cached and 84 ms uncached,
+against 93 ms and 203 ms with per-image torchvision v2 pipelines (2-core machine at load average ~15,
+so absolute numbers are inflated; the ratios are the point).
 ``pin_memory`` only helps when batches go to CUDA. On 2 cores, ``num_workers=0`` with ``cache=True``
 avoids a worker process competing with the network for the cores; whether that beats a worker depends
 on the step time (benchmarks/bench_throughput.py measures both).
