@@ -193,7 +193,8 @@ class RunConfig:
 
 
 def _pretrain_optim() -> OptimConfig:
-    return OptimConfig()
+    # The reference's pre-training keeps one Adam for the whole run (only its target loop resets it).
+    return OptimConfig(reset_each_epoch=False)
 
 
 def _pretrain_loss() -> LossConfig:

@@ -56,6 +56,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
     """
     if resume is not None:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=str(resume)))
+    _check_pretrain_loss(cfg)
     device = torch.device(cfg.run.device)
     amp_dtype = AMP_DTYPES[cfg.run.amp]
     if cfg.run.threads:
@@ -136,6 +137,10 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                 gamma=cfg.optim.gamma,
                 reference_warmup_offset=cfg.optim.reference_warmup_offset,
             )
+            if cfg.optim.reset_each_epoch and epoch > 0:  # a fresh Adam, as the adaptation loop
+                optimizer = training.build_adam(
+                    model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay
+                )
             training.set_lr(optimizer, lr)
             loaders.set_epoch(source_loader, epoch)
             target_iter = None
@@ -197,6 +202,21 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         _write_json(run.path / RESULTS_FILE, results)
         log.info("results written to %s", run.path / RESULTS_FILE)
         return run.path
+
+
+def _check_pretrain_loss(cfg: PretrainConfig) -> None:
+    """Refuse loss settings that source training does not use, rather than ignore them silently."""
+    unused = {
+        "loss.ce_weight": (cfg.loss.ce_weight, 1.0),
+        "loss.spread_weight": (cfg.loss.spread_weight, 0.0),
+        "loss.triplet_feature": (cfg.loss.triplet_feature, "pooled"),
+    }
+    for key, (value, supported) in unused.items():
+        if value != supported:
+            raise ValueError(
+                f"{key}={value!r} is not supported by `dualref pretrain`; expected {supported!r} "
+                "(source training is CE + triplet on the pooled feature, both with weight 1)"
+            )
 
 
 def _load_splits(name: str, root: str, skip_unreadable: bool) -> ReidSplits:
