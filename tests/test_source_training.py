@@ -126,11 +126,18 @@ def test_pretrain_and_evaluate_from_the_command_line(
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize(
+    ("num_workers", "reset_adam"), [(0, False), pytest.param(2, False, marks=pytest.mark.slow), (0, True)]
+)
 def test_resume_continues_bit_identically(
-    domains: tuple[Path, Path], tmp_path: Path, num_workers: int
+    domains: tuple[Path, Path], tmp_path: Path, num_workers: int, reset_adam: bool
 ) -> None:
-    extra = [f"data.num_workers={num_workers}", "run.eval_every=0", "evaluate_target=false"]
+    extra = [
+        f"data.num_workers={num_workers}",
+        f"optim.reset_each_epoch={reset_adam}",
+        "run.eval_every=0",
+        "evaluate_target=false",
+    ]
     straight = load_config(PretrainConfig, None, overrides(domains, tmp_path / "straight", *extra))
     source_training.pretrain_on_source(straight)
     first = load_config(
@@ -180,3 +187,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert [m["epoch"] for m in metrics_lines(run_dir)] == [1]
     assert "loss became nan" in (run_dir / "run.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "setting", ["loss.ce_weight=0.5", "loss.spread_weight=0.1", "loss.triplet_feature=bn_normalized"]
+)
+def test_unused_loss_settings_are_refused(domains: tuple[Path, Path], tmp_path: Path, setting: str) -> None:
+    cfg = load_config(PretrainConfig, None, overrides(domains, tmp_path / "run", setting))
+    with pytest.raises(ValueError, match=f"{setting.split('=')[0]}=.* is not supported"):
+        source_training.pretrain_on_source(cfg)
+    assert not (tmp_path / "run").exists()  # refused before any run folder is made
