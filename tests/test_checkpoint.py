@@ -6,8 +6,10 @@ import json
 import logging
 import random
 import re
+import sys
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -154,3 +156,37 @@ def test_resume_records_config_differences(tmp_path: Path) -> None:
 def test_config_differences_lists_added_and_removed_keys() -> None:
     diff = runs.config_differences({"a": {"b": 1, "c": [1, 2]}}, {"a": {"b": 1, "c": (1, 3), "d": 0}})
     assert diff == ["a.c: [1, 2] -> [1, 3]", "a.d: <absent> -> 0"]
+
+
+class FakeSummaryWriter:
+    """Records add_scalar calls; stands in for torch.utils.tensorboard.SummaryWriter."""
+
+    instances: ClassVar[list[FakeSummaryWriter]] = []
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self.scalars: list[tuple[str, float, int]] = []
+        self.closed = False
+        FakeSummaryWriter.instances.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_scalars_when_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_module = types.ModuleType("torch.utils.tensorboard")
+    fake_module.SummaryWriter = FakeSummaryWriter  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_module)
+    run_dir = tmp_path / "r"
+    with runs.open_run(run_dir, tiny_config(run_dir), resume=False) as run:
+        run.log_metrics(3, {"loss": 0.5, "iterations": 2, "dataset": "market1501"}, kind="train")
+    writer = FakeSummaryWriter.instances[-1]
+    assert writer.log_dir == str(run_dir / "tensorboard") and writer.closed
+    # Strings are not scalars; epoch/kind/time are bookkeeping, not curves.
+    assert writer.scalars == [("train/loss", 0.5, 3), ("train/iterations", 2, 3)]
