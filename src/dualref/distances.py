@@ -25,6 +25,8 @@ are those of the float32 matrix product; the reference's dense argsort breaks ti
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -46,6 +48,26 @@ _ACCUMULATOR_ENTRIES = 1 << 23
 _MAX_CANDIDATES = 64
 # Gathered feature pairs per step when a similarity is not already known from the neighbour lists.
 _PAIRS_PER_DOT = 4096
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run the enclosed (small, memory-bound) tensor ops with one intra-op thread on CPU.
+
+    Each parallel torch op forks and joins its OpenMP team; on a shared 2-core machine a join waits
+    for a descheduled thread. Measured under load ~15: 20 sorts of 80k keys took 4.7 s with 2
+    threads and 0.18 s with 1. The big matrix products stay multi-threaded (they are outside).
+    Restores the previous thread count; CUDA work is unaffected.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class Neighbors(NamedTuple):
@@ -172,11 +194,12 @@ def _knn_normalised(feats: Tensor, k: int, chunk_size: int) -> Neighbors:
                 continue  # F F^T is symmetric: block (b, a) is the transpose of block (a, b)
             rows_b = slice(b, min(b + chunk_size, n))
             block = feats[rows_a] @ feats[rows_b].T
-            _merge_top(best_sims, best_idx, rows_a, block, b, transposed=False)
-            min_sims[rows_a] = torch.minimum(min_sims[rows_a], block.amin(dim=1))
-            if b != a:
-                _merge_top(best_sims, best_idx, rows_b, block, a, transposed=True)
-                min_sims[rows_b] = torch.minimum(min_sims[rows_b], block.amin(dim=0))
+            with _one_thread_on_cpu(feats.device):
+                _merge_top(best_sims, best_idx, rows_a, block, b, transposed=False)
+                min_sims[rows_a] = torch.minimum(min_sims[rows_a], block.amin(dim=1))
+                if b != a:
+                    _merge_top(best_sims, best_idx, rows_b, block, a, transposed=True)
+                    min_sims[rows_b] = torch.minimum(min_sims[rows_b], block.amin(dim=0))
     best_sims, best_idx = _sorted_by_sim_then_index(best_sims, best_idx)
     if kk > k:
         tied = torch.nonzero(best_sims[:, k - 1] == best_sims[:, k])[:, 0]
@@ -458,9 +481,10 @@ def _expanded_encoding(
 ) -> tuple[_SparseRows, Neighbors]:
     """Neighbours, the k-reciprocal encoding V and its query expansion (reference steps 1-5)."""
     nbrs = _knn_normalised(feats, max(k1 + 1, k2), chunk_size)
-    v = _encoding(feats, nbrs, k1)
-    if k2 > 1:
-        v = _query_expanded(v, nbrs.indices, k2)
+    with _one_thread_on_cpu(feats.device):
+        v = _encoding(feats, nbrs, k1)
+        if k2 > 1:
+            v = _query_expanded(v, nbrs.indices, k2)
     return v, nbrs
 
 
@@ -500,14 +524,23 @@ def jaccard_distance(
     n = feats.shape[0]
     _validated_params(n, k1, k2, chunk_size)
     v, _ = _expanded_encoding(feats, k1, k2, chunk_size)
+    with _one_thread_on_cpu(feats.device):
+        rows_u, cols_u, s = _upper_min_sums(v, n)
+    dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
+    return _symmetric_csr(rows_u, cols_u, dist, n)
+
+
+def _upper_min_sums(v: _SparseRows, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, S_ij) for every pair i <= j with S_ij > 0, row-major sorted, as numpy arrays."""
+    device = v.vals.device
     cols = _columns(v, n)
     # Pair (i, j) only for j >= i: partners in column k start at i's own CSC position (rows
     # ascending).
     partner_start = cols.csc_pos
-    costs = torch.zeros(n, dtype=torch.int64, device=feats.device)
+    costs = torch.zeros(n, dtype=torch.int64, device=device)
     costs.index_add_(0, v.rows, cols.colptr[v.cols + 1] - partner_start)
     max_rows = max(1, _ACCUMULATOR_ENTRIES // n)
-    consume = _KeySums(max_rows * n, feats.dtype, feats.device)
+    consume = _KeySums(max_rows * n, v.vals.dtype, device)
     up_i, up_j, up_s = [], [], []
     for step in _row_steps(costs, max_rows):
         found = _min_sums(v, cols, step, partner_start, n, 0, consume, None)
@@ -515,12 +548,7 @@ def jaccard_distance(
         up_i.append(found[0].cpu())
         up_j.append(found[1].cpu())
         up_s.append(found[2].cpu())
-    del consume
-    rows_u = torch.cat(up_i).numpy()
-    cols_u = torch.cat(up_j).numpy()
-    s = torch.cat(up_s).double().numpy()
-    dist = np.maximum(1.0 - s / (2.0 - s), 0.0).astype(np.float32)
-    return _symmetric_csr(rows_u, cols_u, dist, n)
+    return torch.cat(up_i).numpy(), torch.cat(up_j).numpy(), torch.cat(up_s).double().numpy()
 
 
 def _symmetric_csr(
@@ -588,7 +616,7 @@ def reranked_distance(
         k2: query-expansion size (1 <= k2 <= Q + G).
         lambda_value: weight of the original distance, in [0, 1].
         device: compute device; default: the device of `query_features`.
-        chunk_size: block edge of the neighbour search and of the original-distance block.
+        chunk_size: block edge of the neighbour search.
 
     Returns:
         [Q, G] float32 numpy array of re-ranked distances (smaller = closer).
@@ -608,27 +636,36 @@ def reranked_distance(
     m = feats.shape[0]
     _validated_params(m, k1, k2, chunk_size)
     v, nbrs = _expanded_encoding(feats, k1, k2, chunk_size)
+    with _one_thread_on_cpu(feats.device):
+        out = _query_gallery_min_sums(v, m, num_q)
+    # S -> Jaccard, then mix in the row-normalised original distance, block by block.
+    row_max = 2.0 - 2.0 * nbrs.min_sims[:num_q]
+    step = max(1, _ACCUMULATOR_ENTRIES // (2 * num_g))  # keeps the temporaries ~ 32 MiB each
+    for r0 in range(0, num_q, step):
+        block = out[r0 : r0 + step]
+        jac = (1.0 - block / (2.0 - block)).clamp_min_(0.0)
+        original = 2.0 - 2.0 * (query[r0 : r0 + step] @ gallery.T)
+        original /= row_max[r0 : r0 + step, None]
+        block.copy_((1.0 - lambda_value) * jac + lambda_value * original)
+    return out.to(torch.float32).cpu().numpy()
+
+
+def _query_gallery_min_sums(v: _SparseRows, m: int, num_q: int) -> Tensor:
+    """Dense [Q, G] S_ij for query rows i < num_q and gallery rows j >= num_q of V ([M, M])."""
+    device = v.vals.device
     cols = _columns(v, m)
     # Partners of a query row are the gallery rows of each column: those after the column's query
     # rows.
-    queries_per_col = torch.zeros(m, dtype=torch.int64, device=feats.device)
+    queries_per_col = torch.zeros(m, dtype=torch.int64, device=device)
     queries_per_col.index_add_(0, v.cols, (v.rows < num_q).long())
     partner_start = cols.colptr[v.cols] + queries_per_col[v.cols]
-    costs = torch.zeros(num_q, dtype=torch.int64, device=feats.device)
+    costs = torch.zeros(num_q, dtype=torch.int64, device=device)
     q_entries = int(v.indptr[num_q])
     costs.index_add_(
         0, v.rows[:q_entries], cols.colptr[v.cols[:q_entries] + 1] - partner_start[:q_entries]
     )
-    out = torch.zeros(num_q, num_g, dtype=feats.dtype, device=feats.device)
+    num_g = m - num_q
+    out = torch.zeros(num_q, num_g, dtype=v.vals.dtype, device=device)
     for r0, r1 in _row_steps(costs, num_q):
         _min_sums(v, cols, (r0, r1), partner_start, num_g, num_q, None, out[r0:r1].view(-1))
-    # S -> Jaccard, then mix in the row-normalised original distance, block by block.
-    row_max = 2.0 - 2.0 * nbrs.min_sims[:num_q]
-    for r0 in range(0, num_q, chunk_size):
-        block = out[r0 : r0 + chunk_size]
-        jac = (1.0 - block / (2.0 - block)).clamp_min_(0.0)
-        original = (2.0 - 2.0 * (query[r0 : r0 + chunk_size] @ gallery.T)) / row_max[
-            r0 : r0 + chunk_size, None
-        ]
-        block.copy_((1.0 - lambda_value) * jac + lambda_value * original)
-    return out.to(torch.float32).cpu().numpy()
+    return out
