@@ -147,6 +147,18 @@ def test_resume_is_bit_identical_to_a_straight_run(
         assert [r[key] for r in resumed] == [r[key] for r in straight], key
 
 
+def test_resume_carries_adam_state_when_not_reset_each_epoch(target_root: Path, tmp_path: Path) -> None:
+    # eval_every 0: the straight run evaluates only at the end, the interrupted one also after epoch 1;
+    # the result must not depend on it.
+    extra = ("optim.reset_each_epoch=false", "optim.iters_per_epoch=2", "run.eval_every=0")
+    straight = adaptation.adapt_to_target(_config(target_root, tmp_path / "straight", *extra))
+    run_dir = tmp_path / "interrupted"
+    adaptation.adapt_to_target(_config(target_root, run_dir, *extra, "optim.epochs=1"))
+    assert load_checkpoint(run_dir / "checkpoint.pt")["optimizer"] is not None
+    adaptation.adapt_to_target(_config(target_root, run_dir, *extra), resume=run_dir)
+    _assert_same_state(straight, run_dir)
+
+
 def test_zero_epochs_is_direct_transfer(target_root: Path, tmp_path: Path) -> None:
     run_dir = adaptation.adapt_to_target(_config(target_root, tmp_path / "dt", "optim.epochs=0"))
     assert _records(run_dir, "adapt") == []

@@ -19,9 +19,10 @@ evaluation (mAP, rank-k, mINP), checkpoint.pt (exact resume), and at the end plo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,7 +49,7 @@ from dualref import (
 )
 from dualref.config import AdaptConfig, config_to_dict
 from dualref.data import datasets, loaders
-from dualref.data.records import Sample
+from dualref.data.records import ReidSplits, Sample
 from dualref.losses import memory_losses, objective
 from dualref.losses.objective import LossTerms, LossWeights
 from dualref.memory_bank import InstantMemoryBank, MemoryBank, MomentumMemoryBank, minibatch_bank
@@ -114,8 +115,9 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         images = _target_images(target.train)
         monitor_pids = _monitoring_pids(target.train)
         model = _build_model(cfg).to(device)
+        test = _TargetEvaluation(target, cfg, device)
         if cfg.optim.epochs == 0:  # direct transfer: evaluate the starting model only
-            _evaluate_and_log(run, model, target, cfg, device, epoch=0)
+            _evaluate_and_log(run, test, model, epoch=0)
             report.write_report(run.path)
             return run.path
         cluster_loader = _test_loader(images.paths, cfg)
@@ -148,7 +150,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
             loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch=epoch)
             lr = _lr_at_epoch(cfg, epoch)
             optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
-            with _timed(seconds, "train"):
+            with _timed(seconds, "train"), _naming_checkpoint(run.checkpoint_path):
                 stats = train_target_epoch(
                     model,
                     loader,
@@ -173,7 +175,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
             rng = seeding.rng_state()
             _save(run.checkpoint_path, cfg, model, memory, optimizer, eps=eps, epoch=epoch + 1, rng=rng)
             if _evaluation_due(cfg, epoch + 1):
-                _evaluate_and_log(run, model, target, cfg, device, epoch=epoch + 1)
+                _evaluate_and_log(run, test, model, epoch=epoch + 1)
             seeding.set_rng_state(rng)  # evaluation must not change what the next epoch draws
         report.write_report(run.path)
         return run.path
@@ -335,10 +337,10 @@ def _loss_terms(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load_target(cfg: AdaptConfig) -> Any:
+def _load_target(cfg: AdaptConfig) -> ReidSplits:
     target = datasets.load_dataset(cfg.data.target, cfg.data.target_root)
     if cfg.data.skip_unreadable:
-        target = type(target)(
+        target = ReidSplits(
             name=target.name,
             train=loaders.drop_unreadable(target.train, log),
             query=loaders.drop_unreadable(target.query, log),
@@ -580,40 +582,49 @@ def _build_optimizer(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation (reads the target query/gallery pids: measurement only)
+# Evaluation
 # ---------------------------------------------------------------------------------------------------
 
 
-def _evaluate_target(model: ReidNet, target: Any, cfg: AdaptConfig, device: torch.device) -> Any:
-    """Rank metrics of `model` on the target query/gallery (eval-mode normalised BN features)."""
-    amp_dtype = AMP_DTYPES[cfg.run.amp]
-    query_features, gallery_features = (
-        extraction.extract_features(
-            model,
-            _test_loader([s.path for s in split], cfg),
-            device,
-            progress=cfg.run.progress,
-            desc=name,
-            amp_dtype=amp_dtype,
+class _TargetEvaluation:
+    """The target query/gallery test (reads their pids: measurement only).
+
+    The loaders are built once, so that with `data.cache_images` the images are decoded once per run.
+    """
+
+    def __init__(self, target: ReidSplits, cfg: AdaptConfig, device: torch.device) -> None:
+        self.query, self.gallery = target.query, target.gallery
+        if not self.query or not self.gallery:
+            raise ValueError(
+                f"target data set {cfg.data.target_root!r} has {len(self.query)} query and "
+                f"{len(self.gallery)} gallery images; expected both non-empty for the evaluation"
+            )
+        self.query_loader = _test_loader([s.path for s in self.query], cfg)
+        self.gallery_loader = _test_loader([s.path for s in self.gallery], cfg)
+        self.device, self.progress, self.amp_dtype = device, cfg.run.progress, AMP_DTYPES[cfg.run.amp]
+
+    def rank_metrics(self, model: ReidNet) -> evaluation.RankMetrics:
+        """Rank metrics of `model` (eval-mode normalised BN features, squared Euclidean distance)."""
+        query_features, gallery_features = (
+            extraction.extract_features(
+                model, loader, self.device, progress=self.progress, desc=name, amp_dtype=self.amp_dtype
+            )
+            for name, loader in (("query", self.query_loader), ("gallery", self.gallery_loader))
         )
-        for name, split in (("query", target.query), ("gallery", target.gallery))
-    )
-    return evaluation.rank_metrics_from_features(
-        query_features,
-        gallery_features,
-        [s.pid for s in target.query],
-        [s.pid for s in target.gallery],
-        [s.camid for s in target.query],
-        [s.camid for s in target.gallery],
-        device=device,
-    )
+        return evaluation.rank_metrics_from_features(
+            query_features,
+            gallery_features,
+            [s.pid for s in self.query],
+            [s.pid for s in self.gallery],
+            [s.camid for s in self.query],
+            [s.camid for s in self.gallery],
+            device=self.device,
+        )
 
 
-def _evaluate_and_log(
-    run: runs.Run, model: ReidNet, target: Any, cfg: AdaptConfig, device: torch.device, *, epoch: int
-) -> None:
+def _evaluate_and_log(run: runs.Run, test: _TargetEvaluation, model: ReidNet, *, epoch: int) -> None:
     start = time.perf_counter()
-    metrics = _evaluate_target(model, target, cfg, device)
+    metrics = test.rank_metrics(model)
     cmc = metrics.cmc
     record = {
         "mAP": float(metrics.mAP),
@@ -699,6 +710,17 @@ def _restore(
     seeding.set_rng_state(state["rng"])
     log.info("resumed after epoch %d (eps %.4f)", state["epoch"], state["eps"])
     return _ResumeState(epoch=int(state["epoch"]), eps=float(state["eps"]), optimizer=optimizer)
+
+
+@contextlib.contextmanager
+def _naming_checkpoint(path: Path) -> Iterator[None]:
+    """A non-finite loss error names the last good checkpoint, when there is one."""
+    try:
+        yield
+    except training.NonFiniteLossError as err:
+        if path.is_file():
+            raise err.with_checkpoint(path) from None
+        raise
 
 
 class _timed:  # noqa: N801 - used as a lower-case context manager, like a function
