@@ -18,24 +18,33 @@ SHARED_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "weight
 @pytest.mark.parametrize(
     ("arch", "last_stride", "channels", "map_size"),
     [
-        ("tiny", 1, 256, (8, 4)),
-        ("tiny", 2, 256, (4, 2)),
-        ("resnet18", 1, 512, (8, 4)),
-        ("resnet18", 2, 512, (4, 2)),
-        ("resnet34", 2, 512, (4, 2)),
-        ("mobilenet_v2", 1, 1280, (8, 4)),
-        ("mobilenet_v2", 2, 1280, (4, 2)),
+        ("tiny", 1, 256, (4, 2)),
+        ("tiny", 2, 256, (2, 1)),
+        ("resnet18", 1, 512, (4, 2)),
+        ("resnet18", 2, 512, (2, 1)),
+        ("mobilenet_v2", 1, 1280, (4, 2)),
+        ("mobilenet_v2", 2, 1280, (2, 1)),
     ],
 )
 def test_output_channels_and_last_stride(
     arch: str, last_stride: int, channels: int, map_size: tuple[int, int]
 ) -> None:
-    # 128x64 input: total stride 16 with last stride 1, 32 with last stride 2.
+    # 64x32 input: total stride 16 with last stride 1, 32 with last stride 2.
     trunk = build_backbone(arch, last_stride=last_stride).eval()
     with torch.no_grad():
-        out = trunk(torch.randn(1, 3, 128, 64))
+        out = trunk(torch.randn(1, 3, 64, 32))
     assert trunk.out_channels == channels
     assert tuple(out.shape) == (1, channels, *map_size)
+
+
+def test_bottleneck_last_stride_sits_in_conv2_and_shortcut() -> None:
+    # torchvision's Bottleneck (ResNet v1.5) strides conv2, not conv1.
+    trunk = build_backbone("resnet50", last_stride=1)
+    assert isinstance(trunk, ResNetTrunk) and trunk.out_channels == 2048
+    block = trunk.layer4[0]
+    assert block.conv1.stride == (1, 1) and block.conv2.stride == (1, 1)
+    assert block.downsample[0].stride == (1, 1)
+    assert build_backbone("resnet50", last_stride=2).layer4[0].conv2.stride == (2, 2)
 
 
 def test_resnet_stem_has_no_relu_by_default() -> None:
