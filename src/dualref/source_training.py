@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from dualref import checkpoint, evaluation, extraction, runs, seeding, training
 from dualref.config import PretrainConfig, config_to_dict
@@ -72,71 +73,21 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         num_classes = max(labels) + 1
         log.info("source %s: %d images of %d identities", source.name, len(labels), num_classes)
 
-        model = ReidNet(
-            cfg.model.arch,
-            num_classes,
-            pretrained=cfg.model.pretrained,
-            last_stride=cfg.model.last_stride,
-            stem_relu=cfg.model.stem_relu,
-            neck_relu=cfg.model.neck_relu,
-        ).to(device)
-        if cfg.run.channels_last and device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = _build_model(cfg, num_classes, device)
         optimizer = training.build_adam(
             model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
         )
-        source_loader = loaders.train_loader(
-            [s.path for s in source.train],
-            labels,
-            [s.camid for s in source.train],
-            height=cfg.data.height,
-            width=cfg.data.width,
-            batch_size=cfg.data.batch_size,
-            num_instances=cfg.data.num_instances,
-            num_iterations=cfg.optim.iters_per_epoch,
-            seed=cfg.run.seed,
-            random_erasing_prob=cfg.data.random_erasing_prob,
-            num_workers=cfg.data.num_workers,
-            cache=cfg.data.cache_images,
-            pin_memory=device.type == "cuda",
-        )
+        source_loader = _source_loader(cfg, source, labels, device)
         target_loader = None
         if cfg.forward_target_batches and target is not None:
-            # Target pids are never read here: only the images, for BatchNorm statistics.
-            target_loader = loaders.random_loader(
-                [s.path for s in target.train],
-                height=cfg.data.height,
-                width=cfg.data.width,
-                batch_size=cfg.data.batch_size,
-                num_iterations=cfg.optim.iters_per_epoch,
-                seed=cfg.run.seed + 1,
-                num_workers=cfg.data.num_workers,
-                cache=cfg.data.cache_images,
-                pin_memory=device.type == "cuda",
-            )
-
+            target_loader = _target_loader(cfg, target, device)
         start_epoch, best_map = 0, -1.0
         if run.resumed and run.checkpoint_path.is_file():
-            state = checkpoint.load_checkpoint(run.checkpoint_path)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, best_map = int(state["epoch"]), float(state["best_source_mAP"])
-            seeding.set_rng_state(state["rng"])
-            log.info("resumed from %s after epoch %d", run.checkpoint_path, start_epoch)
+            start_epoch, best_map = _restore(run.checkpoint_path, model, optimizer)
 
         source_metrics: RankMetrics | None = None
         for epoch in range(start_epoch, cfg.optim.epochs):
-            lr = training.lr_at_epoch(
-                epoch,
-                base_lr=cfg.optim.lr,
-                schedule=cfg.optim.schedule,
-                warmup_epochs=cfg.optim.warmup_epochs,
-                warmup_factor=cfg.optim.warmup_factor,
-                milestones=cfg.optim.milestones,
-                lr_decay_epochs=cfg.optim.lr_decay_epochs,
-                gamma=cfg.optim.gamma,
-                reference_warmup_offset=cfg.optim.reference_warmup_offset,
-            )
+            lr = _epoch_lr(cfg, epoch)
             if cfg.optim.reset_each_epoch and epoch > 0:  # a fresh Adam, as the adaptation loop
                 optimizer = training.build_adam(
                     model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay
@@ -202,6 +153,79 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         _write_json(run.path / RESULTS_FILE, results)
         log.info("results written to %s", run.path / RESULTS_FILE)
         return run.path
+
+
+def _build_model(cfg: PretrainConfig, num_classes: int, device: torch.device) -> ReidNet:
+    model = ReidNet(
+        cfg.model.arch,
+        num_classes,
+        pretrained=cfg.model.pretrained,
+        last_stride=cfg.model.last_stride,
+        stem_relu=cfg.model.stem_relu,
+        neck_relu=cfg.model.neck_relu,
+    ).to(device)
+    if cfg.run.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _source_loader(
+    cfg: PretrainConfig, source: ReidSplits, labels: list[int], device: torch.device
+) -> DataLoader[loaders.Item]:
+    return loaders.train_loader(
+        [s.path for s in source.train],
+        labels,
+        [s.camid for s in source.train],
+        height=cfg.data.height,
+        width=cfg.data.width,
+        batch_size=cfg.data.batch_size,
+        num_instances=cfg.data.num_instances,
+        num_iterations=cfg.optim.iters_per_epoch,
+        seed=cfg.run.seed,
+        random_erasing_prob=cfg.data.random_erasing_prob,
+        num_workers=cfg.data.num_workers,
+        cache=cfg.data.cache_images,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _target_loader(cfg: PretrainConfig, target: ReidSplits, device: torch.device) -> DataLoader[loaders.Item]:
+    # Target pids are never read here: only the images, for BatchNorm statistics.
+    return loaders.random_loader(
+        [s.path for s in target.train],
+        height=cfg.data.height,
+        width=cfg.data.width,
+        batch_size=cfg.data.batch_size,
+        num_iterations=cfg.optim.iters_per_epoch,
+        seed=cfg.run.seed + 1,
+        num_workers=cfg.data.num_workers,
+        cache=cfg.data.cache_images,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _epoch_lr(cfg: PretrainConfig, epoch: int) -> float:
+    return training.lr_at_epoch(
+        epoch,
+        base_lr=cfg.optim.lr,
+        schedule=cfg.optim.schedule,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        warmup_factor=cfg.optim.warmup_factor,
+        milestones=cfg.optim.milestones,
+        lr_decay_epochs=cfg.optim.lr_decay_epochs,
+        gamma=cfg.optim.gamma,
+        reference_warmup_offset=cfg.optim.reference_warmup_offset,
+    )
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    """Load model, optimizer and RNG states; returns (epochs completed, best source mAP so far)."""
+    state = checkpoint.load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    seeding.set_rng_state(state["rng"])
+    log.info("resumed from %s after epoch %d", path, int(state["epoch"]))
+    return int(state["epoch"]), float(state["best_source_mAP"])
 
 
 def _check_pretrain_loss(cfg: PretrainConfig) -> None:
