@@ -143,8 +143,14 @@ def assert_csr_invariants(matrix: sparse.csr_matrix) -> None:
 # -------------------------------
 
 
-@pytest.mark.parametrize("chunk_size", [13, 64, 2048])
-def test_knn_matches_full_sort(chunk_size: int) -> None:
+@pytest.mark.parametrize(
+    ("chunk_size", "max_candidates"), [(13, 64), (13, 1), (64, 64), (2048, 64)]
+)
+def test_knn_matches_full_sort(
+    chunk_size: int, max_candidates: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # max_candidates=1 forces the full top-k fallback of the block merge nearly everywhere.
+    monkeypatch.setattr(distances, "_MAX_CANDIDATES", max_candidates)
     feats = random_features(150, 16, seed=0)
     got = knn(feats, 12, chunk_size=chunk_size)
     sims = (feats @ feats.T).numpy()
@@ -309,6 +315,13 @@ def test_jaccard_on_device_matches_cpu(device: torch.device) -> None:
     other = jaccard_distance(feats, k1=9, k2=3, device=device)
     assert np.array_equal(cpu.indices, other.indices) and np.array_equal(cpu.indptr, other.indptr)
     np.testing.assert_allclose(cpu.data, other.data, atol=1e-6)
+
+
+def test_jaccard_keeps_the_thread_setting() -> None:
+    # The sparse phase runs single-threaded on CPU and must restore the caller's setting.
+    before = torch.get_num_threads()
+    jaccard_distance(random_features(40, 8, seed=11), k1=5, k2=2)
+    assert torch.get_num_threads() == before
 
 
 def test_jaccard_rejects_bad_parameters() -> None:

@@ -179,7 +179,7 @@ def _sorted_by_sim_then_index(sims: Tensor, idx: Tensor) -> tuple[Tensor, Tensor
 
 
 def _knn_normalised(feats: Tensor, k: int, chunk_size: int) -> Neighbors:
-    """`knn` on already validated, normalised float32 features."""
+    """`knn` on already validated, L2-normalised features."""
     n = feats.shape[0]
     # One spare neighbour tells whether the k-th place is tied with the next one.
     kk = min(k + 1, n)
@@ -633,6 +633,7 @@ def reranked_distance(
         )
     num_q, num_g = query.shape[0], gallery.shape[0]
     feats = torch.cat([query, gallery])
+    query, gallery = feats[:num_q], feats[num_q:]  # views: one copy of the features, not two
     m = feats.shape[0]
     _validated_params(m, k1, k2, chunk_size)
     v, nbrs = _expanded_encoding(feats, k1, k2, chunk_size)
