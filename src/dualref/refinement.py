@@ -35,7 +35,7 @@ SCORE_ELEMENTS = 1 << 24
 class _Points(NamedTuple):
     """Padded members of a bucket of clusters, in the representation that the k-means iterations use."""
 
-    data: Tensor  # [B, M, M] Gram matrices (use_gram) or [B, M, D] features, float64, zero on padding
+    data: Tensor  # [B, M, M] float64 Gram matrices (use_gram) or [B, M, D] features, zero on padding
     use_gram: bool
     sq_norms: Tensor  # [B, M] squared norms of the points, zero on padding
     valid: Tensor  # [B, M] bool, False on padding
@@ -49,7 +49,7 @@ def _point_dots(points: _Points, index: Tensor) -> Tensor:
     if points.use_gram:
         return points.data.gather(1, index[:, :, None].expand(batch, count, points.data.shape[2]))
     rows = points.data.gather(1, index[:, :, None].expand(batch, count, points.data.shape[2]))
-    return torch.bmm(rows, points.data.transpose(1, 2))
+    return torch.bmm(rows, points.data.transpose(1, 2)).to(torch.float64)
 
 
 def _sq_dist_to_points(points: _Points, index: Tensor) -> Tensor:
@@ -59,24 +59,28 @@ def _sq_dist_to_points(points: _Points, index: Tensor) -> Tensor:
     return sq.clamp_min(0.0) * points.valid[:, None, :]
 
 
-def _sq_dist_to_centres(points: _Points, weights: Tensor) -> Tensor:
-    """[B, M, K] squared distances from every point to the centres ``weights`` [B, K, M] @ points."""
+class _Centres(NamedTuple):
+    """Centres given as weights over the points, through the products the iterations need."""
+
+    dots: Tensor  # [B, M, K] x_i . c_k, float64
+    sq_norms: Tensor  # [B, K] |c_k|^2, float64
+    coords: Tensor | None  # [B, K, D] the centres themselves (feature-space path only)
+
+
+def _centre_products(points: _Points, weights: Tensor) -> _Centres:
+    """Products of the points with the centres ``weights`` [B, K, M] @ points."""
     if points.use_gram:
         dots = torch.bmm(points.data, weights.transpose(1, 2))  # x_i . c_k = (G W^T)_ik
-        centre_sq = (weights * dots.transpose(1, 2)).sum(-1)  # |c_k|^2 = w_k^T G w_k
-    else:
-        centres = torch.bmm(weights, points.data)
-        dots = torch.bmm(points.data, centres.transpose(1, 2))
-        centre_sq = (centres * centres).sum(-1)
-    return (points.sq_norms[:, :, None] - 2.0 * dots + centre_sq[:, None, :]).clamp_min(0.0)
+        return _Centres(dots, (weights * dots.transpose(1, 2)).sum(-1), None)  # |c_k|^2 = w_k^T G w_k
+    # Feature-space path (clusters larger than D): products in the features' dtype, as scikit-learn.
+    centres = torch.bmm(weights.to(points.data.dtype), points.data)
+    dots = torch.bmm(points.data, centres.transpose(1, 2)).to(torch.float64)
+    return _Centres(dots, (centres.to(torch.float64) ** 2).sum(-1), centres)
 
 
-def _centre_shift(points: _Points, delta: Tensor) -> Tensor:
-    """[B, K] squared norms of the centre moves ``delta`` [B, K, M] (weight differences)."""
-    if points.use_gram:
-        return (delta * torch.bmm(delta, points.data)).sum(-1)
-    moves = torch.bmm(delta, points.data)
-    return (moves * moves).sum(-1)
+def _sq_dist_to_centres(points: _Points, centres: _Centres) -> Tensor:
+    """[B, M, K] squared distances from every point to every centre."""
+    return (points.sq_norms[:, :, None] - 2.0 * centres.dots + centres.sq_norms[:, None, :]).clamp_min(0.0)
 
 
 def _kmeans_plus_plus(
@@ -165,7 +169,10 @@ def _batched_kmeans(
     # scikit-learn's tolerance: tol * mean over the D dimensions of the per-dimension variance, from
     # sum_d var_d = mean |x|^2 - |mean x|^2, with |sum x|^2 = sum_ij G_ij.
     mean_sq = points.sq_norms.sum(1) / sizes
-    sum_sq = points.data.sum((1, 2)) if points.use_gram else (points.data.sum(1) ** 2).sum(-1)
+    if points.use_gram:
+        sum_sq = points.data.sum((1, 2))
+    else:
+        sum_sq = (points.data.sum(1, dtype=torch.float64) ** 2).sum(-1)
     tol = RELATIVE_TOL * (mean_sq - sum_sq / sizes**2).clamp_min(0.0) / points.num_dims  # [B]
 
     seeds = _kmeans_plus_plus(points, R, S, generator)  # [B, S, R]
@@ -175,12 +182,13 @@ def _batched_kmeans(
     # The working set: clusters with a restart still iterating.
     work = torch.arange(batch, device=device)
     work_points, work_weights, work_tol = points, weights, tol
+    centres = _centre_products(points, weights.reshape(batch, S * R, num_points))
     labels_old = torch.full((batch, S, num_points), -1, dtype=torch.long, device=device)
     active = torch.ones(batch, S, dtype=torch.bool, device=device)
     for _ in range(MAX_ITER):
         size = work.numel()
         valid = work_points.valid
-        dist = _sq_dist_to_centres(work_points, work_weights.reshape(size, S * R, num_points))
+        dist = _sq_dist_to_centres(work_points, centres)
         own_dist, labels = dist.reshape(size, num_points, S, R).min(-1)
         labels, own_dist = labels.transpose(1, 2), own_dist.transpose(1, 2)  # [W, S, M]
         onehot = (labels[:, :, None, :] == subcluster_ids) & valid[:, None, None, :]  # [W, S, R, M]
@@ -191,12 +199,33 @@ def _batched_kmeans(
             counts = onehot.sum(-1)
         counts = counts[..., None]
         new_weights = torch.where(counts > 0, onehot / counts.clamp_min(1), work_weights)
-        shift = (
-            _centre_shift(work_points, (new_weights - work_weights).reshape(size, S * R, num_points))
-            .reshape(size, S, R)
-            .sum(-1)
-        )
+        # Products only for the restarts still running somewhere in the working set.
+        restarts = torch.nonzero(active.any(0))[:, :1]
+        columns = (restarts * R + torch.arange(R, device=device)).reshape(-1)  # of the S * R centres
+        flat_new = new_weights.reshape(size, S * R, num_points)[:, columns]
+        new_centres = _centre_products(work_points, flat_new)
+        old_dots, old_sq_norms = centres.dots[:, :, columns], centres.sq_norms[:, columns]
+        # Centre shift |c_new - c_old|^2 = |c_new|^2 - 2 c_new . c_old + |c_old|^2 from the products
+        # already at hand: c_new . c_old = sum_i w_new,i (x_i . c_old).
+        if centres.coords is not None and new_centres.coords is not None:
+            move = new_centres.coords - centres.coords[:, columns]
+            column_shift = (move.to(torch.float64) ** 2).sum(-1)
+        else:
+            cross = (flat_new * old_dots.transpose(1, 2)).sum(-1)
+            column_shift = (new_centres.sq_norms - 2.0 * cross + old_sq_norms).clamp_min(0.0)
+        shift = torch.zeros(size, S * R, dtype=torch.float64, device=device)
+        shift = shift.index_copy(1, columns, column_shift).reshape(size, S, R).sum(-1)
         unchanged = ((labels == labels_old) | ~valid[:, None, :]).all(-1)
+        step = active.repeat_interleave(R, dim=1)[:, columns]  # [W, columns]
+        centres = _Centres(
+            centres.dots.index_copy(2, columns, torch.where(step[:, None, :], new_centres.dots, old_dots)),
+            centres.sq_norms.index_copy(1, columns, torch.where(step, new_centres.sq_norms, old_sq_norms)),
+            None
+            if centres.coords is None or new_centres.coords is None
+            else centres.coords.index_copy(
+                1, columns, torch.where(step[:, :, None], new_centres.coords, centres.coords[:, columns])
+            ),
+        )
         work_weights = torch.where(active[:, :, None, None], new_weights, work_weights)
         labels_old = torch.where(active[:, :, None], labels, labels_old)
         # Both stopping rules of scikit-learn: strict label convergence, or centre shift <= tol.
@@ -208,10 +237,12 @@ def _batched_kmeans(
             weights[work] = work_weights
             work, work_points, work_weights = work[keep], _subset(work_points, keep), work_weights[keep]
             work_tol, labels_old, active = work_tol[keep], labels_old[keep], active[keep]
+            coords = None if centres.coords is None else centres.coords[keep]
+            centres = _Centres(centres.dots[keep], centres.sq_norms[keep], coords)
     weights[work] = work_weights
 
     # Final E-step with the last centres (scikit-learn does the same after a tol stop), then the inertia.
-    dist = _sq_dist_to_centres(points, weights.reshape(batch, S * R, num_points))
+    dist = _sq_dist_to_centres(points, _centre_products(points, weights.reshape(batch, S * R, num_points)))
     closest = dist.reshape(batch, num_points, S, R).amin(-1)  # [B, M, S]
     inertia = (closest * points.valid[:, :, None]).sum(1)  # [B, S]
     best = inertia.argmin(-1)  # first minimum: the earliest restart wins ties, as in scikit-learn
@@ -267,9 +298,9 @@ def _padded_points(
 ) -> tuple[_Points, Tensor]:
     """The bucket ``clusters`` as padded points, and its [B, M, D] member features (padding: a repeat).
 
-    The Gram matrices are computed in the dtype of ``features`` (as scikit-learn computes float32 k-means in
-    float32) and the iterations run in float64. Padding rows repeat a member: they are masked everywhere and
-    get zero centre weight.
+    Products of features are computed in their dtype (scikit-learn runs float32 k-means in float32); the
+    Gram matrices and the distances are then float64. Clusters larger than D stay in feature space.
+    Padding rows repeat a member: they are masked everywhere and get zero centre weight.
     """
     device = features.device
     width = int(sizes[clusters].max())
@@ -285,8 +316,8 @@ def _padded_points(
         data = gram * mask[:, :, None] * mask[:, None, :]
         sq_norms, use_gram = torch.diagonal(data, dim1=1, dim2=2), True
     else:
-        data = member_features.to(torch.float64) * mask[:, :, None]
-        sq_norms, use_gram = (data**2).sum(-1), False
+        data = member_features * valid[:, :, None]
+        sq_norms, use_gram = (data.to(torch.float64) ** 2).sum(-1), False
     sizes_t = torch.from_numpy(sizes[clusters].astype(np.int64)).to(device)
     return _Points(data, use_gram, sq_norms, valid, sizes_t, num_dims), member_features
 
