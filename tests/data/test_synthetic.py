@@ -140,6 +140,21 @@ def test_market_layout_counts_and_disjoint_ids(tmp_path: Path) -> None:
     assert len(names) == len(set(names))
 
 
+@pytest.mark.parametrize("images_per_id", [3, 4, 12])
+def test_every_query_has_a_cross_camera_match_and_every_test_id_a_query(images_per_id: int) -> None:
+    # Property check over many seeds on the plan alone (no pixels): the edge cases are identities whose
+    # cameras each hold a single image, or one camera holding all but one image.
+    config = dataclasses.replace(TINY, images_per_id=images_per_id, num_cameras=4)
+    for seed in range(20):
+        plan = synthetic.plan_domain(config, seed)
+        cams = plan.views.camid
+        query, gallery = plan.splits == 1, plan.splits == 2
+        for i in np.flatnonzero(query):
+            same_pid = gallery & (plan.pids == plan.pids[i])
+            assert (same_pid & (cams != cams[i])).any(), f"seed {seed}: query {i} has no valid match"
+        assert len(set(plan.pids[query].tolist())) == config.num_test_ids
+
+
 def test_market_loader_reads_the_tree(tmp_path: Path) -> None:
     datasets = pytest.importorskip("dualref.data.datasets")
     root = synthetic.write_domain(tmp_path, TINY, seed=0)
@@ -200,7 +215,7 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="num_cameras"):
         SyntheticConfig(num_cameras=10)
     with pytest.raises(ValueError, match="images_per_id"):
-        SyntheticConfig(images_per_id=1)
+        SyntheticConfig(images_per_id=2)
     with pytest.raises(ValueError, match="scale"):
         synthetic.domain_a_config(0.0)
 

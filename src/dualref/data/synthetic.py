@@ -5,9 +5,9 @@ source domain and ``synth_b`` the unlabelled target. Each identity is a fixed se
 and pattern, body proportions, hair, skin, accessories); each image draws a viewpoint (front, back, left,
 right), pose jitter, framing jitter, background clutter and an occluder; each camera has its own colour cast,
 brightness, contrast, illumination gradient, blur, noise and background. The two domains differ in clothing
-palette (A: saturated, varied; B: muted, darker, fewer hues), illumination (B: darker, stronger casts),
-backgrounds (A: outdoor brick and pavement; B: indoor shelves and tiles), resolution (B: rendered at half
-resolution, blurrier, noisier) and camera count (A: 6; B: 4).
+palette (A: saturated, every hue; B: more blues, browns and olives, less saturated), illumination (B: warmer,
+darker, stronger casts), backgrounds (A: mostly outdoor brick and pavement; B: mostly indoor shelves and
+tiles), resolution (B: half resolution, blurrier, noisier) and camera count (A: 6; B: 4).
 
 Rendering is vectorised over a batch of images with numpy; PIL only encodes JPEG. Everything random comes
 from generators seeded by ``(seed, domain name)``, so the same seed gives byte-identical files.
@@ -37,7 +37,7 @@ from PIL import Image
 from scipy import ndimage
 
 # Bump when the rendering changes, so cached trees written by an older generator are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER_NAME = "SYNTHETIC.json"
 SPLIT_DIRS = ("bounding_box_train", "query", "bounding_box_test")
 
@@ -77,7 +77,9 @@ class DomainStyle:
     blur_sigma: tuple[float, float] = (0.0, 0.7)  # per-camera Gaussian blur range, in pixels
     noise_std: float = 0.015  # per-pixel Gaussian noise std (images in [0, 1])
     downsample: int = 1  # render detail lost to a low-resolution sensor: pool by this factor, upsample
-    background: str = "outdoor"  # "outdoor" (brick wall + pavement) or "indoor" (shelves + tiles)
+    indoor_fraction: float = 0.2  # share of cameras indoors (shelves + tiles) rather than outdoors (brick +
+    # pavement); mixing both in each domain keeps the backgrounds from being a give-away of the domain
+    background_tint: float = 0.12  # per-image std of the log RGB gain of the background (passers-by, light)
     occlusion_prob: float = 0.3  # probability of an occluding block or pole per image
     view_bias: float = 0.5  # probability that an image takes its camera's preferred viewpoint
 
@@ -100,8 +102,10 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if not 2 <= self.num_cameras <= 9:
             raise ValueError(f"num_cameras={self.num_cameras}; expected 2..9 (one digit in file names)")
-        if self.images_per_id < 2:
-            raise ValueError(f"images_per_id={self.images_per_id}; expected >= 2 (query + gallery)")
+        if self.images_per_id < 3:
+            raise ValueError(
+                f"images_per_id={self.images_per_id}; expected >= 3 (two cameras, one of them seen twice)"
+            )
         if self.num_train_ids < 1 or self.num_test_ids < 1 or self.num_distractors < 0:
             raise ValueError(
                 f"num_train_ids={self.num_train_ids}, num_test_ids={self.num_test_ids}, "
@@ -111,32 +115,32 @@ class SyntheticConfig:
             raise ValueError("num_train_ids + num_test_ids must fit 4-digit pids (<= 9999)")
         if self.height < 16 or self.width < 8:
             raise ValueError(f"image size {self.height}x{self.width}; expected at least 16x8")
-        if self.style.background not in ("outdoor", "indoor"):
-            raise ValueError(f"background={self.style.background!r}; expected 'outdoor' or 'indoor'")
+        if not 0.0 <= self.style.indoor_fraction <= 1.0:
+            raise ValueError(f"indoor_fraction={self.style.indoor_fraction}; expected a value in [0, 1]")
         if self.style.downsample < 1:
             raise ValueError(f"downsample={self.style.downsample}; expected >= 1")
 
 
 DOMAIN_A_STYLE = DomainStyle()
 DOMAIN_B_STYLE = DomainStyle(
-    hue_modes=(0.6, 0.08, 0.33),  # blues, browns, olive greens: a winter, indoor palette
-    hue_mode_prob=0.75,
-    saturation=(0.2, 0.65),
-    value=(0.2, 0.75),
-    neutral_prob=0.3,
-    palette_size=12,
+    hue_modes=(0.6, 0.08, 0.33),  # more blues, browns and olive greens: a winter palette
+    hue_mode_prob=0.4,
+    saturation=(0.3, 0.85),
+    value=(0.3, 0.85),
+    neutral_prob=0.25,
+    palette_size=14,
     colour_jitter=0.04,
-    cast_mean=(0.12, 0.0, -0.18),  # warm artificial light
-    cast_sigma=0.14,
-    brightness=(0.55, 1.0),
-    contrast=(0.7, 1.05),
+    cast_mean=(0.06, 0.0, -0.08),  # warm artificial light
+    cast_sigma=0.1,
+    brightness=(0.7, 1.05),
+    contrast=(0.8, 1.05),
     exposure_jitter=0.1,
-    blur_sigma=(0.4, 1.0),
-    noise_std=0.03,
+    blur_sigma=(0.3, 0.8),
+    noise_std=0.022,
     downsample=2,
-    background="indoor",
-    occlusion_prob=0.35,
-    view_bias=0.6,
+    indoor_fraction=0.75,
+    occlusion_prob=0.3,
+    view_bias=0.5,
 )
 
 
@@ -147,7 +151,7 @@ def _scaled(n: int, scale: float) -> int:
 
 
 def domain_a_config(scale: float = 1.0) -> SyntheticConfig:
-    """Source domain: 6 outdoor cameras, saturated varied clothes, mild casts. ``scale`` multiplies ids."""
+    """Source domain: 6 mostly outdoor cameras, saturated clothes, mild casts; `scale` multiplies ids."""
     return SyntheticConfig(
         name="synth_a",
         num_train_ids=_scaled(128, scale),
@@ -159,7 +163,7 @@ def domain_a_config(scale: float = 1.0) -> SyntheticConfig:
 
 
 def domain_b_config(scale: float = 1.0) -> SyntheticConfig:
-    """Target domain: 4 indoor cameras, muted darker palette, strong casts, blur and noise."""
+    """Target domain: 4 mostly indoor cameras, shifted palette, warm casts, half resolution, noise."""
     return SyntheticConfig(
         name="synth_b",
         num_train_ids=_scaled(128, scale),
@@ -217,6 +221,7 @@ class CameraParams:
     horizon: FloatArray  # [C] horizon height as a fraction of the image height
     texture_period: FloatArray  # [C] texture period in pixels
     preferred_view: IntArray  # [C] the viewpoint this camera mostly sees (walking direction)
+    indoor: IntArray  # [C] 1 = indoor background (shelves + tiles), 0 = outdoor (brick + pavement)
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,7 @@ class ViewParams:
     arm_swing: FloatArray  # [N] arm swing in [-1, 1]
     exposure: FloatArray  # [N] relative exposure
     texture_phase: FloatArray  # [N, 2] background texture offset (dy, dx) in pixels
+    background_gain: FloatArray  # [N, 3] per-image RGB gain of the background
     clutter: FloatArray  # [N, M, 4] background objects (y0, x0, y1, x1) as fractions; y0 >= y1 = none
     clutter_colour: FloatArray  # [N, M, 3]
     occluder: IntArray  # [N] 0 none, 1 block from the bottom / side, 2 vertical pole
@@ -352,38 +358,26 @@ def draw_identities(
 def draw_cameras(num: int, style: DomainStyle, rng: np.random.Generator) -> CameraParams:
     """Draw per-camera appearance for a domain of ``num`` cameras."""
     gain = np.exp(np.asarray(style.cast_mean) + rng.normal(0, style.cast_sigma, (num, 3)))
-    if style.background == "outdoor":
-        # Stone, concrete and brick walls over grey pavement.
-        wall = _hsv_to_rgb(
-            np.stack(
-                [rng.uniform(0.0, 0.12, num), rng.uniform(0.05, 0.4, num), rng.uniform(0.45, 0.85, num)],
-                axis=-1,
-            )
+    indoor = np.zeros(num, bool)
+    indoor[rng.permutation(num)[: round(style.indoor_fraction * num)]] = True
+
+    def hsv(hue: tuple[float, float], sat: tuple[float, float], val: tuple[float, float]) -> FloatArray:
+        return _hsv_to_rgb(
+            np.stack([rng.uniform(*hue, num), rng.uniform(*sat, num), rng.uniform(*val, num)], axis=-1)
         )
-        ground = _hsv_to_rgb(
-            np.stack(
-                [rng.uniform(0.0, 1.0, num), rng.uniform(0.0, 0.12, num), rng.uniform(0.35, 0.7, num)],
-                axis=-1,
-            )
-        )
-        horizon = rng.uniform(0.55, 0.75, num)
-        period = rng.uniform(6.0, 12.0, num)
-    else:
-        # Painted walls with shelves over tiled floors: more hue, less light.
-        wall = _hsv_to_rgb(
-            np.stack(
-                [rng.uniform(0.0, 1.0, num), rng.uniform(0.15, 0.55, num), rng.uniform(0.3, 0.7, num)],
-                axis=-1,
-            )
-        )
-        ground = _hsv_to_rgb(
-            np.stack(
-                [rng.uniform(0.0, 1.0, num), rng.uniform(0.1, 0.4, num), rng.uniform(0.25, 0.6, num)], axis=-1
-            )
-        )
-        horizon = rng.uniform(0.7, 0.85, num)
-        period = rng.uniform(10.0, 22.0, num)
-    accent = np.clip(wall * rng.uniform(0.5, 1.5, (num, 1)) + rng.normal(0, 0.08, (num, 3)), 0, 1)
+
+    # Outdoors: stone, concrete and brick walls over grey pavement. Indoors: painted walls with shelves
+    # over tiled floors, more hue and less light.
+    wall = np.where(
+        indoor[:, None], hsv((0, 1), (0.15, 0.5), (0.3, 0.7)), hsv((0, 0.12), (0.05, 0.4), (0.45, 0.85))
+    )
+    ground = np.where(
+        indoor[:, None], hsv((0, 1), (0.1, 0.4), (0.25, 0.6)), hsv((0, 1), (0, 0.12), (0.35, 0.7))
+    )
+    horizon = np.where(indoor, rng.uniform(0.7, 0.85, num), rng.uniform(0.55, 0.75, num))
+    period = np.where(indoor, rng.uniform(10.0, 22.0, num), rng.uniform(6.0, 12.0, num))
+    # Low-contrast texture: strong stripes in the background look like clothing to a small network.
+    accent = np.clip(wall * rng.uniform(0.7, 1.3, (num, 1)) + rng.normal(0, 0.05, (num, 3)), 0, 1)
     return CameraParams(
         gain=gain.astype(np.float32),
         brightness=rng.uniform(*style.brightness, num).astype(np.float32),
@@ -396,6 +390,7 @@ def draw_cameras(num: int, style: DomainStyle, rng: np.random.Generator) -> Came
         horizon=horizon.astype(np.float32),
         texture_period=period.astype(np.float32),
         preferred_view=rng.integers(0, _NUM_VIEWS, num),
+        indoor=indoor.astype(np.int64),
     )
 
 
@@ -456,6 +451,7 @@ def draw_views(
         arm_swing=rng.uniform(-1, 1, n).astype(np.float32),
         exposure=np.exp(rng.normal(0, style.exposure_jitter, n)).astype(np.float32),
         texture_phase=rng.uniform(0, 40, (n, 2)).astype(np.float32),
+        background_gain=np.exp(rng.normal(0, style.background_tint, (n, 3))).astype(np.float32),
         clutter=clutter.astype(np.float32),
         clutter_colour=np.clip(clutter_colour, 0, 1).astype(np.float32),
         occluder=occluder,
@@ -470,7 +466,7 @@ def draw_views(
 
 def _paint(parts: np.ndarray, mask: np.ndarray, part: int) -> None:
     """parts [N, H, W] <- part where mask [N, H, W] (mask may broadcast from [N, 1, 1] factors)."""
-    parts[np.broadcast_to(mask, parts.shape)] = part
+    np.copyto(parts, np.uint8(part), where=mask)
 
 
 def _limb(
@@ -483,20 +479,21 @@ def _limb(
     half_width: FloatArray,
 ) -> np.ndarray:
     """[N, H, W] mask of a slanted bar from (top, x_top) to (bottom, x_bottom); parameters are [N, 1, 1]."""
+    # Everything per row is [N, H, 1]; only the final comparisons touch all N x H x W pixels.
     t = (yy - top) / np.maximum(bottom - top, 1e-3)
     centre = x_top + t * (x_bottom - x_top)
-    return (yy >= top) & (yy < bottom) & (np.abs(xx - centre) < half_width)
+    rows = (yy >= top) & (yy < bottom)
+    return ((xx >= centre - half_width) & rows) & (xx < centre + half_width)
 
 
 def _box(
     yy: FloatArray, xx: FloatArray, y0: FloatArray, x0: FloatArray, y1: FloatArray, x1: FloatArray
 ) -> np.ndarray:
-    return (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+    # Rows [N, H, 1] and columns [N, 1, W] first, so one operation touches every pixel.
+    return ((yy >= y0) & (yy < y1)) & ((xx >= x0) & (xx < x1))
 
 
-def _background(
-    views: ViewParams, cameras: CameraParams, background: str, yy: FloatArray, xx: FloatArray
-) -> np.ndarray:
+def _background(views: ViewParams, cameras: CameraParams, yy: FloatArray, xx: FloatArray) -> np.ndarray:
     """[N, H, W] uint8 part map of the camera background (wall, ground, accent texture)."""
     h = yy.shape[1]
     cam = views.camid
@@ -505,17 +502,15 @@ def _background(
     px = xx + views.texture_phase[:, 1, None, None]
     horizon = (cameras.horizon[cam] * h)[:, None, None]
     above = yy < horizon
-    if background == "outdoor":
-        # Brick courses above the horizon, pavement slabs below.
-        row = np.floor(py / (period * 0.5))
-        brick = ((px + (row % 2) * period * 0.5) % period < 1.2) | (py % (period * 0.5) < 1.0)
-        slab = (px % (period * 2.5) < 1.0) | ((py - horizon) % (period * 1.5) < 1.0)
-        texture = np.where(above, brick, slab)
-    else:
-        # Shelves (vertical bands with horizontal boards) above, large floor tiles below.
-        shelf = ((px % (period * 1.6)) < period * 0.5) | ((py % period) < 1.5)
-        tile = ((np.floor(px / period) + np.floor(py / (period * 0.6))) % 2) == 0
-        texture = np.where(above, shelf, tile)
+    # Outdoors: brick courses above the horizon, pavement slabs below.
+    row = np.floor(py / (period * 0.5))
+    brick = ((px + (row % 2) * period * 0.5) % period < 1.2) | (py % (period * 0.5) < 1.0)
+    slab = (px % (period * 2.5) < 1.0) | ((py - horizon) % (period * 1.5) < 1.0)
+    # Indoors: shelves (vertical bands with horizontal boards) above, large floor tiles below.
+    shelf = ((px % (period * 1.6)) < period * 0.5) | ((py % period) < 1.5)
+    tile = ((np.floor(px / period) + np.floor(py / (period * 0.6))) % 2) == 0
+    indoor = (cameras.indoor[cam] > 0)[:, None, None]
+    texture = np.where(above, np.where(indoor, shelf, brick), np.where(indoor, tile, slab))
     return np.where(texture, _ACCENT, np.where(above, _WALL, _GROUND)).astype(np.uint8)
 
 
@@ -537,7 +532,7 @@ def render_images(
         views: per-image draws for N images.
         height: image height H in pixels.
         width: image width W in pixels.
-        style: domain style (background kind, downsampling, noise level).
+        style: domain style (downsampling and noise level).
         noise_seed: seeds the pixel noise, so the function is deterministic.
 
     Returns:
@@ -548,7 +543,7 @@ def render_images(
         return np.zeros((0, height, width, 3), np.uint8)
     yy = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
     xx = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
-    parts = _background(views, cameras, style.background, yy, xx)
+    parts = _background(views, cameras, yy, xx)
 
     def col(a: FloatArray) -> FloatArray:  # per-image [N, 1, 1] column of a per-image value
         return np.asarray(a, np.float32)[:, None, None]
@@ -722,9 +717,9 @@ def render_images(
     # per-channel affine maps), looked up once per pixel.
     cam = views.camid
     table = np.empty((n, _NUM_PARTS, 3), np.float32)
-    table[:, _WALL] = cameras.wall[cam]
-    table[:, _GROUND] = cameras.ground[cam]
-    table[:, _ACCENT] = cameras.accent[cam]
+    table[:, _WALL] = cameras.wall[cam] * views.background_gain
+    table[:, _GROUND] = cameras.ground[cam] * views.background_gain
+    table[:, _ACCENT] = cameras.accent[cam] * views.background_gain
     table[:, _CLUTTER0 : _CLUTTER0 + _MAX_CLUTTER] = views.clutter_colour
     for part, colours in (
         (_LOWER, tr.lower),
@@ -741,7 +736,7 @@ def render_images(
     table[:, _OCCLUDER] = views.occluder_colour
     table = (table * cameras.gain[cam][:, None, :] - 0.5) * cameras.contrast[cam][:, None, None] + 0.5
     flat_index = parts.astype(np.intp) + (np.arange(n, dtype=np.intp) * _NUM_PARTS)[:, None, None]
-    img = table.reshape(n * _NUM_PARTS, 3)[flat_index]
+    img = np.take(table.reshape(n * _NUM_PARTS, 3), flat_index, axis=0)
 
     # Light: exposure, a left-right illumination gradient, and vertical shading (darker away from the
     # horizon, like a ceiling light or the sky falling off).
@@ -769,8 +764,11 @@ def render_images(
             img[rows] = ndimage.gaussian_filter(
                 img[rows], sigma=(0, sigma, sigma, 0), mode="nearest", truncate=2.5
             )
-    noise = np.random.default_rng(noise_seed).standard_normal(img.shape, dtype=np.float32)
-    noise *= np.float32(style.noise_std * 255.0)
+    # Uniform noise with the requested std: five times cheaper to draw than Gaussian noise, and after JPEG
+    # encoding the two look the same.
+    noise = np.random.default_rng(noise_seed).random(img.shape, dtype=np.float32)
+    noise -= np.float32(0.5)
+    noise *= np.float32(style.noise_std * 255.0 * np.sqrt(12.0))
     img *= np.float32(255.0)
     img += noise
     img += np.float32(0.5)  # round to nearest on the cast below
@@ -805,19 +803,20 @@ def plan_domain(config: SyntheticConfig, seed: int) -> DomainPlan:
     camid_list: list[IntArray] = []
     split_list: list[IntArray] = []
     for k in range(num_real):
-        num_cams = int(rng.integers(2, config.num_cameras + 1))
+        # 2..num_cameras cameras, and at least one camera with two images (so there is a query to make).
+        num_cams = int(rng.integers(2, min(config.num_cameras, config.images_per_id - 1) + 1))
         cams = rng.choice(config.num_cameras, num_cams, replace=False)
         # Every chosen camera gets at least one image; the rest are spread at random.
-        camids = (
-            np.concatenate([cams, rng.choice(cams, config.images_per_id - num_cams)])
-            if (config.images_per_id >= num_cams)
-            else cams[: config.images_per_id]
-        )
-        camids = np.sort(camids)
+        camids = np.sort(np.concatenate([cams, rng.choice(cams, config.images_per_id - num_cams)]))
         split = np.zeros(len(camids), np.int64)
         if k >= config.num_train_ids:
+            # Query: the first image of a camera, if another camera keeps an image in the gallery (a camera
+            # with two or more images always keeps one), so every query has a cross-camera match.
+            cam_values, counts = np.unique(camids, return_counts=True)
+            multi = cam_values[counts >= 2]
             first = np.r_[True, camids[1:] != camids[:-1]]
-            split = np.where(first, 1, 2)
+            has_match = np.array([np.any(multi != c) for c in camids])
+            split = np.where(first & has_match, 1, 2)
         identity_list.append(np.full(len(camids), k))
         camid_list.append(camids)
         split_list.append(split)
