@@ -21,6 +21,7 @@ import itertools
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -73,6 +74,19 @@ def bench_speed(repeats: int) -> None:
     print(
         f"JPEG encode q{config.jpeg_quality}: {len(images) / (time.perf_counter() - t0):.0f} img/s wall, "
         f"{len(images) / (time.process_time() - c0):.0f} img/s per CPU-second"
+    )
+
+
+def bench_write_pair(scale: float, seed: int) -> None:
+    """Wall and CPU time of `dualref data synth` (render + JPEG + files) for the default pair."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0, c0 = time.perf_counter(), time.process_time()
+        roots = synthetic.write_domain_pair(tmp, seed=seed, scale=scale)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        count = sum(1 for root in roots for _ in root.rglob("*.jpg"))
+    print(
+        f"write_domain_pair(scale={scale}): {count} images in {wall:.1f} s wall, {cpu:.1f} s CPU "
+        f"({count / wall:.0f} img/s wall, {count / cpu:.0f} img/s per CPU-second)"
     )
 
 
@@ -166,6 +180,7 @@ def main() -> None:
     print(f"load average: {os.getloadavg()}")
     if not args.skip_speed:
         bench_speed(args.repeats)
+        bench_write_pair(args.scale, args.seed)
     domains = []
     for config in (synthetic.domain_a_config(args.scale), synthetic.domain_b_config(args.scale)):
         domain = synthetic.render_domain(config, args.seed)

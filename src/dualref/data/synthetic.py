@@ -238,6 +238,7 @@ class ViewParams:
     exposure: FloatArray  # [N] relative exposure
     texture_phase: FloatArray  # [N, 2] background texture offset (dy, dx) in pixels
     background_gain: FloatArray  # [N, 3] per-image RGB gain of the background
+    noise_seed: IntArray  # [N] seed of the image's sensor noise
     clutter: FloatArray  # [N, M, 4] background objects (y0, x0, y1, x1) as fractions; y0 >= y1 = none
     clutter_colour: FloatArray  # [N, M, 3]
     occluder: IntArray  # [N] 0 none, 1 block from the bottom / side, 2 vertical pole
@@ -452,6 +453,7 @@ def draw_views(
         exposure=np.exp(rng.normal(0, style.exposure_jitter, n)).astype(np.float32),
         texture_phase=rng.uniform(0, 40, (n, 2)).astype(np.float32),
         background_gain=np.exp(rng.normal(0, style.background_tint, (n, 3))).astype(np.float32),
+        noise_seed=rng.integers(0, 2**63, n),
         clutter=clutter.astype(np.float32),
         clutter_colour=np.clip(clutter_colour, 0, 1).astype(np.float32),
         occluder=occluder,
@@ -522,18 +524,17 @@ def render_images(
     height: int,
     width: int,
     style: DomainStyle,
-    noise_seed: int,
 ) -> np.ndarray:
     """Render person images.
 
     Args:
         identities: traits of K identities (rows indexed by ``views.identity``).
         cameras: parameters of C cameras (rows indexed by ``views.camid``).
-        views: per-image draws for N images.
+        views: per-image draws for N images (``views.noise_seed`` seeds each image's pixel noise, so an
+            image's pixels depend only on its own row, never on the batch it is rendered in).
         height: image height H in pixels.
         width: image width W in pixels.
         style: domain style (downsampling and noise level).
-        noise_seed: seeds the pixel noise, so the function is deterministic.
 
     Returns:
         [N, H, W, 3] uint8 RGB images.
@@ -766,7 +767,9 @@ def render_images(
             )
     # Uniform noise with the requested std: five times cheaper to draw than Gaussian noise, and after JPEG
     # encoding the two look the same.
-    noise = np.random.default_rng(noise_seed).random(img.shape, dtype=np.float32)
+    noise = np.empty_like(img)
+    for i, seed in enumerate(views.noise_seed.tolist()):
+        np.random.default_rng(seed).random(out=noise[i], dtype=np.float32)
     noise -= np.float32(0.5)
     noise *= np.float32(style.noise_std * 255.0 * np.sqrt(12.0))
     img *= np.float32(255.0)
@@ -854,7 +857,9 @@ def _subset(views: ViewParams, rows: IntArray) -> ViewParams:
 
 
 def render_plan(plan: DomainPlan, rows: IntArray | None = None) -> np.ndarray:
-    """Render the images of ``plan`` (all, or the given rows) in fixed chunks.
+    """Render the images of ``plan`` (all, or the given rows), in chunks to bound memory.
+
+    A row's pixels do not depend on which other rows are rendered with it.
 
     Returns:
         [N, H, W, 3] uint8 images in row order.
@@ -868,9 +873,6 @@ def render_plan(plan: DomainPlan, rows: IntArray | None = None) -> np.ndarray:
 
 
 def _render_rows(plan: DomainPlan, rows: IntArray) -> np.ndarray:
-    # Noise is seeded by the first row, so a row's pixels do not depend on how many rows are rendered
-    # before it in the same call (chunks start at multiples of _RENDER_CHUNK in write_domain).
-    noise_seed = int(_domain_rng(plan.seed, plan.config.name, 1 + int(rows[0])).integers(2**63))
     return render_images(
         plan.identities,
         plan.cameras,
@@ -878,7 +880,6 @@ def _render_rows(plan: DomainPlan, rows: IntArray) -> np.ndarray:
         height=plan.config.height,
         width=plan.config.width,
         style=plan.config.style,
-        noise_seed=noise_seed,
     )
 
 
