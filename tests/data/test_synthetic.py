@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -301,17 +302,20 @@ def test_domains_differ_in_colour_statistics() -> None:
     a = synthetic.render_domain(dataclasses.replace(synthetic.domain_a_config(), **small)).images
     b = synthetic.render_domain(dataclasses.replace(synthetic.domain_b_config(), **small)).images
     a_f, b_f = a.astype(np.float32) / 255, b.astype(np.float32) / 255
-    # Measured on this seed: mean intensity A ~0.5 vs B ~0.3;
-    # mean chroma (max - min channel) A ~0.25, B ~0.15.
-    assert a_f.mean() - b_f.mean() > 0.1
+    # Measured on this seed: mean intensity A 0.47 vs B 0.36;
+    # mean chroma (max - min channel) A 0.26, B 0.16.
+    assert a_f.mean() - b_f.mean() > 0.07
     chroma_a = (a_f.max(-1) - a_f.min(-1)).mean()
     chroma_b = (b_f.max(-1) - b_f.min(-1)).mean()
     assert chroma_a - chroma_b > 0.05
 
 
-def test_raw_pixel_nearest_neighbour_is_far_from_solving_the_task() -> None:
+@pytest.mark.parametrize("make_config", [synthetic.domain_a_config, synthetic.domain_b_config])
+def test_raw_pixel_nearest_neighbour_is_far_from_solving_the_task(
+    make_config: Callable[[], SyntheticConfig],
+) -> None:
     config = dataclasses.replace(
-        synthetic.domain_b_config(), num_train_ids=2, num_test_ids=40, num_distractors=20, height=64, width=32
+        make_config(), num_train_ids=2, num_test_ids=40, num_distractors=20, height=64, width=32
     )
     domain = synthetic.render_domain(config, seed=0)
     x = domain.images.reshape(len(domain.images), -1).astype(np.float64) / 255
@@ -319,8 +323,9 @@ def test_raw_pixel_nearest_neighbour_is_far_from_solving_the_task() -> None:
     xq, xg = x[q], x[g]
     dist = (xq**2).sum(1)[:, None] + (xg**2).sum(1)[None, :] - 2 * xq @ xg.T  # squared L2
     mean_ap, rank1 = naive_map_rank1(dist, domain.pids[q], domain.pids[g], domain.camids[q], domain.camids[g])
-    # Measured (seed 0): mAP 2.4%, about chance (~10 matches among ~420 gallery images): the camera's
-    # background, clutter and colour cast dominate pixel distances. A trained CNN scores far higher
+    # Measured (seed 0): A mAP 10.3% / rank-1 18.4%, B 5.0% / 3.5%, with about 6 valid matches among
+    # ~340 to ~390 gallery images per query (chance: ~2%): the camera's background, clutter and colour
+    # cast dominate pixel distances. A small CNN trained on A reaches ~50% mAP on A
     # (benchmarks/bench_synthetic.py --cnn).
-    assert mean_ap < 0.15
+    assert mean_ap < 0.2
     assert rank1 < 0.4
