@@ -37,7 +37,7 @@ from PIL import Image
 from scipy import ndimage
 
 # Bump when the rendering changes, so cached trees written by an older generator are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MARKER_NAME = "SYNTHETIC.json"
 SPLIT_DIRS = ("bounding_box_train", "query", "bounding_box_test")
 
@@ -76,7 +76,7 @@ class DomainStyle:
     exposure_jitter: float = 0.08  # per-image exposure std (relative)
     blur_sigma: tuple[float, float] = (0.0, 0.7)  # per-camera Gaussian blur range, in pixels
     noise_std: float = 0.015  # per-pixel Gaussian noise std (images in [0, 1])
-    downsample: int = 1  # render detail lost to a low-resolution sensor: pool by this factor, upsample
+    downsample: int = 1  # low-resolution sensor: render 1/downsample of the size, then enlarge
     indoor_fraction: float = 0.2  # share of cameras indoors (shelves + tiles) rather than outdoors (brick +
     # pavement); mixing both in each domain keeps the backgrounds from being a give-away of the domain
     background_tint: float = 0.12  # per-image std of the log RGB gain of the background (passers-by, light)
@@ -117,8 +117,12 @@ class SyntheticConfig:
             raise ValueError(f"image size {self.height}x{self.width}; expected at least 16x8")
         if not 0.0 <= self.style.indoor_fraction <= 1.0:
             raise ValueError(f"indoor_fraction={self.style.indoor_fraction}; expected a value in [0, 1]")
-        if self.style.downsample < 1:
-            raise ValueError(f"downsample={self.style.downsample}; expected >= 1")
+        f = self.style.downsample
+        if f < 1 or self.height % f or self.width % f:
+            raise ValueError(
+                f"downsample={f} with image size {self.height}x{self.width}; expected a factor >= 1 "
+                "that divides both sides"
+            )
 
 
 DOMAIN_A_STYLE = DomainStyle()
@@ -495,22 +499,30 @@ def _box(
     return ((yy >= y0) & (yy < y1)) & ((xx >= x0) & (xx < x1))
 
 
-def _background(views: ViewParams, cameras: CameraParams, yy: FloatArray, xx: FloatArray) -> np.ndarray:
-    """[N, H, W] uint8 part map of the camera background (wall, ground, accent texture)."""
-    h = yy.shape[1]
+def _background(
+    views: ViewParams, cameras: CameraParams, yy: FloatArray, xx: FloatArray, height: int, line: float
+) -> np.ndarray:
+    """[N, H', W'] uint8 part map of the camera background (wall, ground, accent texture) sampled at the pixel
+    centres ``yy`` [1, H', 1] and ``xx`` [1, 1, W'] of an image ``height`` pixels high; ``line`` is the
+    width of texture lines (one sensor pixel, so that they do not alias away at low resolution)."""
+    h = height
     cam = views.camid
     period = cameras.texture_period[cam][:, None, None]
     py = yy + views.texture_phase[:, 0, None, None]
     px = xx + views.texture_phase[:, 1, None, None]
     horizon = (cameras.horizon[cam] * h)[:, None, None]
     above = yy < horizon
-    # Outdoors: brick courses above the horizon, pavement slabs below.
-    row = np.floor(py / (period * 0.5))
-    brick = ((px + (row % 2) * period * 0.5) % period < 1.2) | (py % (period * 0.5) < 1.0)
-    slab = (px % (period * 2.5) < 1.0) | ((py - horizon) % (period * 1.5) < 1.0)
-    # Indoors: shelves (vertical bands with horizontal boards) above, large floor tiles below.
-    shelf = ((px % (period * 1.6)) < period * 0.5) | ((py % period) < 1.5)
-    tile = ((np.floor(px / period) + np.floor(py / (period * 0.6))) % 2) == 0
+    # Only row-wise [N, H, 1] and column-wise [N, 1, W] terms use float maths; the full-size combinations
+    # are boolean (float modulo over every pixel was most of the rendering time).
+    # Outdoors: brick courses above the horizon (joints offset by half a brick every other course),
+    # pavement slabs below.
+    course = np.floor(py / (period * 0.5))
+    shifted = px / period + 0.5 * (course % 2)  # [N, H, W], in bricks
+    brick = (shifted - np.floor(shifted) < 1.2 * line / period) | (py % (period * 0.5) < line)
+    slab = (px % (period * 2.5) < line) | ((py - horizon) % (period * 1.5) < line)
+    # Indoors: shelves (vertical bands with horizontal boards) above, a checkerboard of floor tiles below.
+    shelf = ((px % (period * 1.6)) < period * 0.5) | ((py % period) < 1.5 * line)
+    tile = (np.floor(px / period) % 2 == 0) == (np.floor(py / (period * 0.6)) % 2 == 0)
     indoor = (cameras.indoor[cam] > 0)[:, None, None]
     texture = np.where(above, np.where(indoor, shelf, brick), np.where(indoor, tile, slab))
     return np.where(texture, _ACCENT, np.where(above, _WALL, _GROUND)).astype(np.uint8)
@@ -542,9 +554,13 @@ def render_images(
     n = len(views.identity)
     if n == 0:
         return np.zeros((0, height, width, 3), np.uint8)
-    yy = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
-    xx = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
-    parts = _background(views, cameras, yy, xx)
+    # A low-resolution domain is rendered directly on a coarser grid (pixel centres in full-resolution
+    # units, so all geometry below stays in full-resolution pixels) and enlarged at the end, like the
+    # upscaled crops of a low-resolution camera; it also makes that domain four times cheaper to render.
+    f = style.downsample
+    yy = ((np.arange(height // f, dtype=np.float32) + 0.5) * f)[None, :, None]
+    xx = ((np.arange(width // f, dtype=np.float32) + 0.5) * f)[None, None, :]
+    parts = _background(views, cameras, yy, xx, height, line=float(f))
 
     def col(a: FloatArray) -> FloatArray:  # per-image [N, 1, 1] column of a per-image value
         return np.asarray(a, np.float32)[:, None, None]
@@ -667,7 +683,7 @@ def render_images(
         _BACKPACK,
     )
     strap = (
-        (np.abs(np.abs(xx - cx) - torso_hw * 0.55) < max(1.0, width / 48))
+        (np.abs(np.abs(xx - cx) - torso_hw * 0.55) < max(float(f), width / 48))
         & (yy >= shoulder)
         & (yy < shoulder + 0.18 * body_h)
     )
@@ -749,17 +765,10 @@ def render_images(
     )
     img *= light[..., None]
 
-    # Sensor: resolution loss, optics blur, noise.
-    if style.downsample > 1:
-        f = style.downsample
-        hh, ww = height // f * f, width // f * f
-        # Strided slices instead of reshape + mean: several times faster on these small images.
-        pooled = sum(img[:, i:hh:f, j:ww:f] for i in range(f) for j in range(f)) / np.float32(f * f)
-        for i in range(f):
-            for j in range(f):
-                img[:, i:hh:f, j:ww:f] = pooled
+    # Sensor: optics blur (sigma given in full-resolution pixels), noise, then the enlargement of a
+    # low-resolution domain.
     for c in np.unique(cam):
-        sigma = float(cameras.blur_sigma[c])
+        sigma = float(cameras.blur_sigma[c]) / f
         if sigma >= 0.15:
             rows = np.flatnonzero(cam == c)
             img[rows] = ndimage.gaussian_filter(
@@ -775,7 +784,10 @@ def render_images(
     img *= np.float32(255.0)
     img += noise
     img += np.float32(0.5)  # round to nearest on the cast below
-    return np.clip(img, 0.0, 255.0, out=img).astype(np.uint8)
+    out = np.clip(img, 0.0, 255.0, out=img).astype(np.uint8)
+    if f > 1:
+        out = np.repeat(np.repeat(out, f, axis=1), f, axis=2)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
