@@ -15,7 +15,7 @@ from generators seeded by ``(seed, domain name)``, so the same seed gives byte-i
 Layout written by :func:`write_domain` (read by ``load_dataset("market1501", root)``)::
 
     <out>/synth_a/bounding_box_train/0007_c3s1_000012_01.jpg    pid 7, camera 3 (1-based in the name)
-    <out>/synth_a/query/...          one image per (test identity, camera)
+    <out>/synth_a/query/...          one image per (test identity, camera), each with a cross-camera match
     <out>/synth_a/bounding_box_test/...   the other test images plus distractors (pid 0000)
     <out>/synth_a/SYNTHETIC.json     generator version, seed and config; written last, inside a temporary
                                      folder that is renamed into place, so a crash never leaves a tree that
@@ -803,7 +803,9 @@ def plan_domain(config: SyntheticConfig, seed: int) -> DomainPlan:
     """Draw every identity, camera and image of one domain (no pixels yet).
 
     Train and test identities are disjoint; each identity is seen by 2..num_cameras cameras. The query holds
-    the first image of each (test identity, camera); the gallery holds the rest plus the distractors.
+    the first image of each (test identity, camera) that has a match in another camera of the gallery (so
+    no query is skipped by the evaluation); the gallery holds the rest plus the distractors. ``splits``
+    indexes ``SPLIT_DIRS`` (0 train, 1 query, 2 gallery).
     """
     rng = _domain_rng(seed, config.name, 0)
     style = config.style
