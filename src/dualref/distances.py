@@ -559,12 +559,17 @@ def _symmetric_csr(
     Explicit zeros are kept: the arrays are placed directly, nothing is summed or eliminated.
     """
     strict = cols_u > rows_u
-    # Lower triangle = transposed strict upper; a stable sort by its row keeps its columns
-    # ascending.
-    order = np.argsort(cols_u[strict], kind="stable")
-    rows_l, cols_l, vals_l = cols_u[strict][order], rows_u[strict][order], vals_u[strict][order]
-    cnt_l = np.bincount(rows_l, minlength=n)
     cnt_u = np.bincount(rows_u, minlength=n)
+    # Lower triangle = transposed strict upper. scipy's CSR -> CSC conversion is a counting sort
+    # that copies every entry (zeros included) and leaves the row indices of each column ascending.
+    cnt_s = np.bincount(rows_u[strict], minlength=n)
+    strict_upper = sparse.csr_matrix(
+        (vals_u[strict], cols_u[strict], np.concatenate([[0], np.cumsum(cnt_s)])), shape=(n, n)
+    )
+    lower = strict_upper.tocsc()  # CSC of the upper = CSR of the lower
+    cnt_l = np.diff(lower.indptr)
+    rows_l = np.repeat(np.arange(n), cnt_l)
+    cols_l, vals_l = lower.indices, lower.data
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(cnt_l + cnt_u, out=indptr[1:])
     nnz = int(indptr[-1])
@@ -572,8 +577,7 @@ def _symmetric_csr(
     indices = np.empty(nnz, dtype=index_dtype)
     data = np.empty(nnz, dtype=np.float32)
     # Each row: its lower entries (columns < row), then its upper entries (columns >= row).
-    rank_l = np.arange(rows_l.size) - (np.cumsum(cnt_l) - cnt_l)[rows_l]
-    pos_l = indptr[rows_l] + rank_l
+    pos_l = indptr[rows_l] + (np.arange(rows_l.size) - lower.indptr[rows_l])
     rank_u = np.arange(rows_u.size) - (np.cumsum(cnt_u) - cnt_u)[rows_u]
     pos_u = indptr[rows_u] + cnt_l[rows_u] + rank_u
     indices[pos_l], data[pos_l] = cols_l, vals_l
