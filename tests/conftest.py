@@ -16,8 +16,9 @@ DEVICE = torch.device(os.environ.get("DUALREF_TEST_DEVICE", "cpu"))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"
 
-# Keep the suite fast and repeatable on 2-core machines.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the suite also runs data-loader workers, and an oversubscribed 2-core machine runs
+# multi-threaded small ops many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

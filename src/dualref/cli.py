@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dualref import __version__
 
@@ -33,11 +34,18 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return cluster_command.run(args)
 
 
+def _config_path(args: argparse.Namespace) -> str | None:
+    # `--resume RUN_DIR` alone continues with the run's own resolved config.
+    if args.config is None and args.resume is not None:
+        return str(Path(args.resume) / "config.yaml")
+    return args.config
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dualref import config as config_lib
     from dualref import source_training
 
-    cfg = config_lib.load_config(config_lib.PretrainConfig, args.config, args.set)
+    cfg = config_lib.load_config(config_lib.PretrainConfig, _config_path(args), args.set)
     source_training.pretrain_on_source(cfg, resume=args.resume)
     return 0
 
@@ -46,7 +54,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     from dualref import adaptation
     from dualref import config as config_lib
 
-    cfg = config_lib.load_config(config_lib.AdaptConfig, args.config, args.set)
+    cfg = config_lib.load_config(config_lib.AdaptConfig, _config_path(args), args.set)
     adaptation.adapt_to_target(cfg, resume=args.resume)
     return 0
 
