@@ -127,12 +127,7 @@ class RandomIdentitySampler:
         p, num_ids = self.num_identities_per_batch, self.num_identities
         produced = 0
         while produced < self.num_iterations:
-            if num_ids >= p:
-                order = rng.permutation(num_ids)
-                batches = [order[b * p : (b + 1) * p] for b in range(num_ids // p)]
-            else:
-                repeats = -(-p // num_ids)  # ceil(p / num_ids)
-                batches = [np.concatenate([rng.permutation(num_ids) for _ in range(repeats)])[:p]]
+            batches = _shuffled_groups(rng, num_ids, p)
             for identities in batches:
                 yield [i for identity in identities for i in self._identity_chunk(identity, rng)]
                 produced += 1
@@ -179,13 +174,22 @@ class RandomBatchSampler:
         n, b = self.num_samples, self.batch_size
         produced = 0
         while produced < self.num_iterations:
-            if n >= b:
-                order = rng.permutation(n)
-                batches = [order[i * b : (i + 1) * b] for i in range(n // b)]
-            else:
-                batches = [np.concatenate([rng.permutation(n) for _ in range(-(-b // n))])[:b]]
+            batches = _shuffled_groups(rng, n, b)
             for batch in batches:
                 yield batch.tolist()
                 produced += 1
                 if produced == self.num_iterations:
                     return
+
+
+def _shuffled_groups(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
+    """One pass of random disjoint groups of `size` drawn from range(n) (the remainder is dropped).
+
+    With fewer than `size` items, a single group cycles through fresh permutations, so batches keep
+    their full size.
+    """
+    if n >= size:
+        order = rng.permutation(n)
+        return [order[i * size : (i + 1) * size] for i in range(n // size)]
+    repeats = -(-size // n)  # ceil(size / n)
+    return [np.concatenate([rng.permutation(n) for _ in range(repeats)])[:size]]
