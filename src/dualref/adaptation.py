@@ -107,7 +107,8 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
     seeding.seed_everything(cfg.run.seed)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    device = torch.device(cfg.run.device)
+    device = training.resolve_device(cfg.run.device)
+    cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
     amp_dtype = AMP_DTYPES[cfg.run.amp]
     run_dir = Path(resume) if resume is not None else Path(cfg.run.run_dir)
     with runs.open_run(run_dir, cfg, resume=resume is not None) as run:
@@ -126,7 +127,6 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         eps = state.eps if state else None
         optimizer = state.optimizer if state else None
         settings = _loss_settings(cfg)
-        cluster_device = torch.device(cfg.clustering.device or cfg.run.device)
         for epoch in range(state.epoch if state else 0, cfg.optim.epochs):
             seconds: dict[str, float] = {}
             with _timed(seconds, "extract"):

@@ -68,7 +68,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dualref import demo
 
-    return demo.run_demo(args.out, seed=args.seed, quick=args.quick)
+    return demo.run_demo(args.out, seed=args.seed, quick=args.quick, device=args.device, amp=args.amp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
+    demo.add_argument("--device", default="cpu", help="torch device of every run: cpu, cuda, cuda:1, ...")
+    demo.add_argument(
+        "--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision on CUDA"
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 

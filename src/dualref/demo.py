@@ -128,18 +128,23 @@ def demo_target_config(scale: float) -> synthetic.SyntheticConfig:
     return dataclasses.replace(config, style=style)
 
 
-def run_demo(out: str | Path, *, seed: int = 0, quick: bool = False) -> int:
+def run_demo(
+    out: str | Path, *, seed: int = 0, quick: bool = False, device: str = "cpu", amp: str = "none"
+) -> int:
     """Run the demo into folder `out` and print the comparison table.
 
     Args:
         out: output folder (created; a previous demo's results in it are replaced, its data reused).
         seed: seed of the synthetic data and of every run.
         quick: a much smaller, shorter run (a smoke test).
+        device: torch device of every run ("cpu", "cuda", ...).
+        amp: mixed precision on CUDA ("none", "bf16", "fp16").
 
     Returns:
         0 (the process exit status).
     """
     plan = QUICK if quick else FULL
+    run = RunConfig(seed=seed, device=device, amp=amp, eval_every=1, progress=False, threads=1)
     out = _prepare_folder(Path(out), seed=seed, quick=quick)
     started = time.perf_counter()
     print(f"dualref demo{' --quick' if quick else ''}: results in {out}", flush=True)
@@ -153,7 +158,7 @@ def run_demo(out: str | Path, *, seed: int = 0, quick: bool = False) -> int:
     step_start = time.perf_counter()
     _step(2, f"source training on synth_a ({plan.source_epochs} epochs x {plan.source_iters} iterations)")
     source_dir = source_training.pretrain_on_source(
-        _pretrain_config(plan, source_root, target_root, out / "source", seed)
+        _pretrain_config(plan, source_root, target_root, out / "source", run)
     )
     source_seconds = time.perf_counter() - step_start
     transfer = json.loads((source_dir / "results.json").read_text())["direct_transfer"]
@@ -166,7 +171,7 @@ def run_demo(out: str | Path, *, seed: int = 0, quick: bool = False) -> int:
         sizes = f"{plan.adapt_epochs} epochs x {plan.adapt_iters} iterations"
         _step(number, f"adapting to synth_b: {title} ({sizes})")
         step_start = time.perf_counter()
-        cfg = _adapt_config(plan, target_root, source_dir / "checkpoint.pt", out / name, seed, name)
+        cfg = _adapt_config(plan, target_root, source_dir / "checkpoint.pt", out / name, run, name)
         runs[name] = adaptation.adapt_to_target(cfg)
         seconds[name] = time.perf_counter() - step_start
 
@@ -221,12 +226,8 @@ def _data(plan: DemoPlan, source_root: Path | None, target_root: Path, random_er
     )
 
 
-def _run(run_dir: Path, seed: int) -> RunConfig:
-    return RunConfig(run_dir=str(run_dir), seed=seed, device="cpu", eval_every=1, progress=False, threads=1)
-
-
 def _pretrain_config(
-    plan: DemoPlan, source_root: Path, target_root: Path, run_dir: Path, seed: int
+    plan: DemoPlan, source_root: Path, target_root: Path, run_dir: Path, run: RunConfig
 ) -> PretrainConfig:
     return PretrainConfig(
         data=_data(plan, source_root, target_root, random_erasing=0.0),
@@ -240,14 +241,12 @@ def _pretrain_config(
             milestones=(max(1, plan.source_epochs * 3 // 4),),
         ),
         loss=LossConfig(ce_weight=1.0, refined_weight=0.0, spread_weight=0.0, triplet_feature="pooled"),
-        run=RunConfig(
-            run_dir=str(run_dir), seed=seed, device="cpu", eval_every=0, progress=False, threads=1
-        ),
+        run=dataclasses.replace(run, run_dir=str(run_dir), eval_every=0),
     )
 
 
 def _adapt_config(
-    plan: DemoPlan, target_root: Path, source_checkpoint: Path, run_dir: Path, seed: int, method: str
+    plan: DemoPlan, target_root: Path, source_checkpoint: Path, run_dir: Path, run: RunConfig, method: str
 ) -> AdaptConfig:
     if method == "baseline":
         # As the reference's baseline script: coarse labels only, no memory, triplet on the pooled
@@ -277,7 +276,7 @@ def _adapt_config(
         ),
         clustering=ClusteringConfig(dbscan_rho=plan.dbscan_rho, num_subclusters=plan.num_subclusters),
         loss=loss,
-        run=_run(run_dir, seed),
+        run=dataclasses.replace(run, run_dir=str(run_dir)),
     )
 
 

@@ -58,7 +58,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
     if resume is not None:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=str(resume)))
     _check_pretrain_loss(cfg)
-    device = torch.device(cfg.run.device)
+    device = training.resolve_device(cfg.run.device)
     amp_dtype = AMP_DTYPES[cfg.run.amp]
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -290,7 +290,7 @@ def _evaluate_logged(
     metrics = evaluate_model(
         model,
         splits,
-        device=torch.device(cfg.run.device),
+        device=training.resolve_device(cfg.run.device),
         height=cfg.data.height,
         width=cfg.data.width,
         batch_size=cfg.data.test_batch_size,

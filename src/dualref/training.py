@@ -83,6 +83,23 @@ def lr_at_epoch(
     raise ValueError(f"schedule={schedule!r} is not valid; expected one of {list(SCHEDULES)}")
 
 
+def resolve_device(spec: str, *, key: str = "run.device") -> torch.device:
+    """The torch device named by config `key`, or a ValueError saying why it cannot be used here."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{key}={spec!r} is not a device; expected cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key}={spec!r} but this machine has no usable CUDA device; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            visible = torch.cuda.device_count()
+            raise ValueError(f"{key}={spec!r} but only {visible} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise ValueError(f"{key}={spec!r}; expected cpu, cuda or cuda:N")
+    return device
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
