@@ -228,3 +228,19 @@ def test_non_finite_loss_stops_before_the_optimizer_step() -> None:
         )
     for name, param in model.named_parameters():
         assert torch.isfinite(param).all(), name
+
+
+def test_resolve_device_names_the_key_and_the_problem() -> None:
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"run.device='gpu0' is not a device"):
+        training.resolve_device("gpu0")
+    with pytest.raises(ValueError, match=r"clustering.device='meta'; expected cpu, cuda"):
+        training.resolve_device("meta", key="clustering.device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"run.device='cuda' but this machine has no usable CUDA"):
+            training.resolve_device("cuda")
+    else:
+        count = torch.cuda.device_count()
+        assert training.resolve_device("cuda:0") == torch.device("cuda:0")
+        with pytest.raises(ValueError, match="CUDA device"):
+            training.resolve_device(f"cuda:{count}")
