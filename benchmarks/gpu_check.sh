@@ -5,7 +5,7 @@
 # 1. the whole test suite with DUALREF_TEST_DEVICE=cuda (device-aware tests run on the GPU: AMP,
 #    channels-last, k-NN / Jaccard, spread-out, extraction);
 # 2. benchmarks/bench_gpu.py: Jaccard on the GPU and the training steps in fp32 / bf16 / fp16;
-# 3. the demo end to end on CUDA with bf16 (--quick).
+# 3. the demo end to end on CUDA with bf16 (--quick); 4. the full demo likewise.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -26,3 +26,8 @@ start=$(date +%s)
 timeout 180 python3 -m dualref demo --quick --device cuda --amp bf16 --out /tmp/demo_cuda > "$OUT/demo.log" 2>&1
 echo "demo rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 tail -12 "$OUT/demo.log"
+# 4. the full demo on CUDA with bf16 (the README's main command; 4-7 min on the 2-core CPU machine).
+start=$(date +%s)
+timeout 200 python3 -m dualref demo --device cuda --amp bf16 --out /tmp/demo_cuda_full > "$OUT/demo_full.log" 2>&1
+echo "full demo rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+tail -8 "$OUT/demo_full.log"

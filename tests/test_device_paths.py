@@ -108,8 +108,8 @@ def test_spread_out_on_device_matches_cpu(device: torch.device) -> None:
     indices = torch.randperm(500, generator=generator)[:32]
     results = []
     for where in (torch.device("cpu"), device):
-        feats = features.to(where).requires_grad_(True)
-        raw = bank.to(where).requires_grad_(True)
+        feats = features.detach().clone().to(where).requires_grad_(True)
+        raw = bank.detach().clone().to(where).requires_grad_(True)
         loss = losses.spread_out_loss(feats, raw, indices.to(where), num_neighbors=6, margin=0.35)
         loss.backward()
         assert feats.grad is not None and raw.grad is not None
@@ -143,6 +143,7 @@ def test_extraction_on_device_matches_cpu(device: torch.device, amp: str) -> Non
         model.to(device), batches, device, progress=False, amp_dtype=AMP[amp]
     ).cpu()
     assert got.shape == expected.shape == (32, model.feat_dim)
-    # bf16 autocast keeps ~3 significant digits; the features are unit vectors.
-    tolerance = 1e-5 if amp == "none" or device.type == "cpu" else 2e-2
+    # bf16 autocast keeps ~3 significant digits; the features are unit vectors. In float32, cuDNN may
+    # use TF32 convolutions (and other kernels for channels-last images): ~1e-4.
+    tolerance = 1e-5 if device.type == "cpu" else 1e-3 if amp == "none" else 2e-2
     assert (got - expected).abs().max() < tolerance

@@ -69,7 +69,10 @@ def test_reid_net_eval_features_and_mode_restored(device: torch.device) -> None:
     features = extract_features(model, DataLoader(dataset, batch_size=2), device, progress=False)
     with torch.no_grad():
         expected = model(dataset.images.to(device)).cpu()
-    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    # On CUDA, cuDNN may run float32 convolutions in TF32 and picks other kernels for the channels-last
+    # images extraction uses: agreement to ~1e-4 there.
+    tolerance = 1e-5 if device.type == "cpu" else 1e-3
+    torch.testing.assert_close(features, expected, atol=tolerance, rtol=tolerance)
     assert not model.training
     # amp_dtype is ignored (logged) off CUDA: same float32 result.
     again = extract_features(

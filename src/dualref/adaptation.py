@@ -227,6 +227,7 @@ def train_target_epoch(
     iterations, num_images, start = 0, 0, time.perf_counter()
     total_iterations = len(loader) if isinstance(loader, Sized) else None
     bar = tqdm(loader, total=total_iterations, desc=f"epoch {epoch}", disable=not progress, leave=False)
+    refined_labels = refined_labels.to(device)  # looked up by the batch's indices, on the same device
     for iteration, (images, coarse, _camids, indices) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         if channels_last and device.type == "cuda":
