@@ -221,6 +221,7 @@ def train_target_epoch(
     """
     weights = settings.weights
     model.train()
+    # A fresh fp16 loss scaler per epoch, as in train_source_epoch (resume between epochs stays exact).
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
     names = (*LossTerms._fields, "total", "accuracy")
     sums = dict.fromkeys(names, 0.0)

@@ -272,6 +272,8 @@ def train_source_epoch(
     """
     model.train()
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
+    # A fresh loss scaler per epoch: checkpoints are taken between epochs, so resume stays exact without
+    # saving its state; the cost is a few skipped steps while the scale settles at each epoch start.
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     sums = {"ce": 0.0, "triplet": 0.0, "total": 0.0, "accuracy": 0.0}
     num_images = 0
