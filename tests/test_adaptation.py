@@ -159,6 +159,14 @@ def test_resume_carries_adam_state_when_not_reset_each_epoch(target_root: Path, 
     _assert_same_state(straight, run_dir)
 
 
+def test_fixed_dbscan_eps_replaces_the_rho_rule(target_root: Path, tmp_path: Path) -> None:
+    run_dir = adaptation.adapt_to_target(
+        _config(target_root, tmp_path / "fixed", "clustering.dbscan_eps=0.37", "optim.epochs=1")
+    )
+    assert [r["eps"] for r in _records(run_dir, "adapt")] == [0.37]
+    assert load_checkpoint(run_dir / "checkpoint.pt")["eps"] == 0.37
+
+
 def test_zero_epochs_is_direct_transfer(target_root: Path, tmp_path: Path) -> None:
     run_dir = adaptation.adapt_to_target(_config(target_root, tmp_path / "dt", "optim.epochs=0"))
     assert _records(run_dir, "adapt") == []

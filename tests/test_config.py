@@ -189,3 +189,12 @@ def test_configs_are_frozen() -> None:
 def test_shipped_pretrain_configs_load(path: Path) -> None:
     cfg = load_config(PretrainConfig, path)
     assert cfg.data.batch_size % cfg.data.num_instances == 0
+
+
+def test_fixed_dbscan_eps_is_checked() -> None:
+    assert load_config(AdaptConfig, None, ["clustering.dbscan_eps=0.6"]).clustering.dbscan_eps == 0.6
+    assert load_config(AdaptConfig, None, []).clustering.dbscan_eps is None  # default: the rho rule
+    for bad in ("0", "1.5", "-0.1"):
+        message = f"clustering.dbscan_eps={float(bad)!r}; expected 0 < eps"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(AdaptConfig, None, [f"clustering.dbscan_eps={bad}"])

@@ -124,7 +124,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         cluster_loader = _test_loader(images.paths, cfg)
         memory = _build_memory(cfg, num_samples=len(images.paths), feat_dim=model.feat_dim)
         state = _restore(run.checkpoint_path, model, memory, device) if resume is not None else None
-        eps = state.eps if state else None
+        eps = state.eps if state else cfg.clustering.dbscan_eps  # None: from rho at epoch 0
         optimizer = state.optimizer if state else None
         settings = _loss_settings(cfg)
         for epoch in range(state.epoch if state else 0, cfg.optim.epochs):

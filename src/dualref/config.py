@@ -126,6 +126,8 @@ class ClusteringConfig:
     k1: int = 20  # k-reciprocal neighbourhood size (Zhong et al.: k1)
     k2: int = 6  # local query expansion size (Zhong et al.: k2)
     dbscan_rho: float = 1.6e-3  # eps = mean of the smallest rho fraction of pairwise distances (paper: rho)
+    # A fixed DBSCAN eps instead of the rho rule (SpCL and Cluster Contrast use 0.6); None = the rho rule.
+    dbscan_eps: float | None = None
     min_samples: int = 4  # DBSCAN core-point threshold
     num_subclusters: int = 2  # prototypes per cluster in the refinement (paper: R; D->M 5, M->D 2)
     device: str | None = None  # device of the neighbour search; None = the run's device
@@ -137,6 +139,10 @@ class ClusteringConfig:
         _check_positive("clustering.num_subclusters", self.num_subclusters)
         if not 0.0 < self.dbscan_rho < 1.0:
             raise ValueError(f"clustering.dbscan_rho={self.dbscan_rho!r}; expected 0 < rho < 1")
+        if self.dbscan_eps is not None and not 0.0 < self.dbscan_eps <= 1.0:
+            raise ValueError(
+                f"clustering.dbscan_eps={self.dbscan_eps!r}; expected 0 < eps <= 1 (Jaccard) or null"
+            )
 
 
 @dataclass(frozen=True)
