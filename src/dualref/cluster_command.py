@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualref import clustering, distances, label_quality, refinement
+from dualref import clustering, distances, label_quality, refinement, training
 
 __all__ = ["load_features", "run"]
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the `dualref cluster` command (arguments: see ``cli.build_parser``); returns the exit status."""
     features_path = Path(args.features)
     out = Path(args.out) if args.out is not None else features_path.parent
-    device = torch.device(args.device)
+    device = training.resolve_device(args.device, key="--device")
     timings: list[tuple[str, float]] = []
 
     start = time.perf_counter()

@@ -457,7 +457,7 @@ def evaluate_checkpoint_command(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.dataset,
         args.root,
-        device=torch.device(args.device),
+        device=training.resolve_device(args.device, key="--device"),
         batch_size=args.batch_size,
         num_workers=args.workers,
         flip=args.flip,
