@@ -40,15 +40,18 @@ def row(run: Path) -> str:
     f_coarse = " / ".join(f"{r['coarse_fscore']:.3f}" for r in adapts if "coarse_fscore" in r)
     f_refined = " / ".join(f"{r['refined_fscore']:.3f}" for r in adapts if "refined_fscore" in r)
     wall, rss = _time_log(run)
+    train_s = sum(r.get("seconds_train", 0.0) for r in adapts)
     return (
         f"| {run.name} | {100 * last['mAP']:.1f} | {100 * last['rank1']:.1f} | {100 * last['rank5']:.1f} "
-        f"| {100 * last['rank10']:.1f} | {f_coarse or '-'} | {f_refined or '-'} | {wall} | {rss} |"
+        f"| {100 * last['rank10']:.1f} | {f_coarse or '-'} | {f_refined or '-'} | {train_s:.0f} s | {wall} "
+        f"| {rss} |"
     )
 
 
 def main(runs: list[str]) -> None:
-    print("| row | mAP | R1 | R5 | R10 | F coarse per epoch | F refined per epoch | wall | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    header = ["row", "mAP", "R1", "R5", "R10", "F coarse per epoch", "F refined per epoch"]
+    print("| " + " | ".join([*header, "training", "wall", "peak RSS"]) + " |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         print(row(Path(run)))
 
