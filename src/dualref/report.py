@@ -244,6 +244,7 @@ def _line_plot(
 ) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(5.0, 3.4), dpi=110)
     FigureCanvasAgg(figure)
@@ -255,6 +256,7 @@ def _line_plot(
             xs, ys = zip(*points, strict=True)
             axes.plot(xs, ys, marker="o", markersize=3, label=label)
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
