@@ -40,8 +40,6 @@ from dualref.losses.objective import LossWeights
 from dualref.memory_bank import InstantMemoryBank
 from dualref.models import ReidNet
 
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def timed(fn: Callable[[], Any], runs: int, device: torch.device) -> tuple[float, float]:
     """(median seconds, peak MiB allocated on `device`) of `runs` calls after one warm-up call."""
@@ -129,7 +127,7 @@ def _make_step(
             device=device,
             label_smoothing=0.1,
             triplet_margin=None,
-            amp_dtype=AMP[amp],
+            amp_dtype=training.AMP_DTYPES[amp],
             channels_last=channels_last,
             progress=False,
         )
@@ -158,7 +156,7 @@ def _make_step(
         memory=memory,
         settings=settings,
         device=device,
-        amp_dtype=AMP[amp],
+        amp_dtype=training.AMP_DTYPES[amp],
         channels_last=channels_last,
         progress=False,
     )

@@ -19,8 +19,6 @@ from dualref.losses.objective import LossWeights
 from dualref.memory_bank import InstantMemoryBank
 from dualref.models import ReidNet
 
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def _identity_batches(num_batches: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
     """P x K = 4 x 4 batches of 64x32 images whose colour depends on the identity (learnable)."""
@@ -50,7 +48,7 @@ def test_source_training_learns_on_device(device: torch.device, amp: str, channe
             device=device,
             label_smoothing=0.1,
             triplet_margin=None,
-            amp_dtype=AMP[amp],
+            amp_dtype=training.AMP_DTYPES[amp],
             channels_last=channels_last,
             progress=False,
             epoch=epoch,
@@ -90,7 +88,7 @@ def test_full_objective_step_on_device(device: torch.device, amp: str) -> None:
         memory=memory,
         settings=settings,
         device=device,
-        amp_dtype=AMP[amp],
+        amp_dtype=training.AMP_DTYPES[amp],
         progress=False,
     )
     assert stats.iterations == 4
@@ -140,7 +138,7 @@ def test_extraction_on_device_matches_cpu(device: torch.device, amp: str) -> Non
     batches = _identity_batches(2, seed=2)
     expected = extraction.extract_features(model, batches, torch.device("cpu"), progress=False)
     got = extraction.extract_features(
-        model.to(device), batches, device, progress=False, amp_dtype=AMP[amp]
+        model.to(device), batches, device, progress=False, amp_dtype=training.AMP_DTYPES[amp]
     ).cpu()
     assert got.shape == expected.shape == (32, model.feat_dim)
     # bf16 autocast keeps ~3 significant digits; the features are unit vectors. In float32, cuDNN may

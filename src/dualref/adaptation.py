@@ -57,8 +57,6 @@ from dualref.models.reid_net import ReidNet, load_trunk_and_neck
 
 log = logging.getLogger(__name__)
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class TargetImages:
@@ -109,7 +107,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         torch.set_num_threads(cfg.run.threads)
     device = training.resolve_device(cfg.run.device)
     cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
-    amp_dtype = AMP_DTYPES[cfg.run.amp]
+    amp_dtype = training.AMP_DTYPES[cfg.run.amp]
     run_dir = Path(resume) if resume is not None else Path(cfg.run.run_dir)
     with runs.open_run(run_dir, cfg, resume=resume is not None) as run:
         target = _load_target(cfg)
@@ -236,7 +234,7 @@ def train_target_epoch(
         coarse = coarse.to(device, non_blocking=True)
         indices = indices.to(device, non_blocking=True)
         refined = refined_labels[indices]  # [B]
-        with _autocast(device, amp_dtype):
+        with training.autocast(device, amp_dtype):
             out = model(images)
         features = F.normalize(out.bn.float(), dim=1)  # [B, D] spread-out / BN-triplet feature
         metric = features if settings.triplet_feature == "bn_normalized" else out.pooled.float()
@@ -603,7 +601,8 @@ class _TargetEvaluation:
             )
         self.query_loader = _test_loader([s.path for s in self.query], cfg)
         self.gallery_loader = _test_loader([s.path for s in self.gallery], cfg)
-        self.device, self.progress, self.amp_dtype = device, cfg.run.progress, AMP_DTYPES[cfg.run.amp]
+        self.device, self.progress = device, cfg.run.progress
+        self.amp_dtype = training.AMP_DTYPES[cfg.run.amp]
 
     def rank_metrics(self, model: ReidNet) -> evaluation.RankMetrics:
         """Rank metrics of `model` (eval-mode normalised BN features, squared Euclidean distance)."""
@@ -737,8 +736,3 @@ class _timed:  # noqa: N801 - used as a lower-case context manager, like a funct
     def __exit__(self, *exc: object) -> None:
         self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
 
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
-    if amp_dtype is None or device.type != "cuda":
-        return torch.autocast(device_type="cpu", enabled=False)
-    return torch.autocast(device_type="cuda", dtype=amp_dtype)

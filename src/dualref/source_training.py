@@ -37,7 +37,6 @@ from dualref.models import ReidNet
 
 RESULTS_FILE = "results.json"
 BEST_FILE = "model_best.pt"
-AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=str(resume)))
     _check_pretrain_loss(cfg)
     device = training.resolve_device(cfg.run.device)
-    amp_dtype = AMP_DTYPES[cfg.run.amp]
+    amp_dtype = training.AMP_DTYPES[cfg.run.amp]
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     started = time.perf_counter()
@@ -125,7 +124,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
             )  # fmt: skip
             is_best = False
             if done == cfg.optim.epochs or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
-                source_metrics = _evaluate_logged(run, model, source, cfg, done, "eval_source")
+                source_metrics = _evaluate_logged(run, model, source, cfg, device, done, "eval_source")
                 is_best = source_metrics.mAP > best_map
                 best_map = max(best_map, source_metrics.mAP)
             state = _training_state(cfg, model, optimizer, done, best_map, source.name)
@@ -139,7 +138,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
             state = _training_state(cfg, model, optimizer, 0, best_map, source.name)
             checkpoint.save_checkpoint(run.checkpoint_path, state)
         if source_metrics is None:  # 0 epochs, or a finished run resumed
-            source_metrics = _evaluate_logged(run, model, source, cfg, done, "eval_source")
+            source_metrics = _evaluate_logged(run, model, source, cfg, device, done, "eval_source")
         results: dict[str, Any] = {
             "kind": "pretrain",
             "reported": "last epoch (model_best.pt = best source mAP, for reference only)",
@@ -147,7 +146,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
             "source": {"dataset": source.name, **_metrics_dict(source_metrics)},
         }
         if cfg.evaluate_target and target is not None:
-            transfer = _evaluate_logged(run, model, target, cfg, done, "direct_transfer")
+            transfer = _evaluate_logged(run, model, target, cfg, device, done, "direct_transfer")
             results["direct_transfer"] = {"dataset": target.name, **_metrics_dict(transfer)}
         results["wall_seconds"] = round(time.perf_counter() - started, 1)
         _write_json(run.path / RESULTS_FILE, results)
@@ -282,7 +281,13 @@ def _training_state(
 
 
 def _evaluate_logged(
-    run: runs.Run, model: nn.Module, splits: ReidSplits, cfg: PretrainConfig, epoch: int, kind: str
+    run: runs.Run,
+    model: nn.Module,
+    splits: ReidSplits,
+    cfg: PretrainConfig,
+    device: torch.device,
+    epoch: int,
+    kind: str,
 ) -> RankMetrics:
     # Evaluation draws no random numbers today; restoring the RNGs guarantees that the evaluation
     # cadence (run.eval_every) can never change the training that follows.
@@ -290,12 +295,12 @@ def _evaluate_logged(
     metrics = evaluate_model(
         model,
         splits,
-        device=training.resolve_device(cfg.run.device),
+        device=device,
         height=cfg.data.height,
         width=cfg.data.width,
         batch_size=cfg.data.test_batch_size,
         num_workers=cfg.data.num_workers,
-        amp_dtype=AMP_DTYPES[cfg.run.amp],
+        amp_dtype=training.AMP_DTYPES[cfg.run.amp],
         progress=cfg.run.progress,
     )
     seeding.set_rng_state(rng)

@@ -24,6 +24,8 @@ from tqdm import tqdm
 from dualref import losses
 
 SCHEDULES = ("warmup_multistep", "step", "constant")
+# run.amp -> autocast dtype (None: float32).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def lr_at_epoch(
@@ -210,8 +212,8 @@ class EpochStats:
         }
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    # Mixed precision only on CUDA; on CPU the run stays in float32 whatever the config says.
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to `amp_dtype` on CUDA; elsewhere (or with None) a no-op: the run stays in float32."""
     if amp_dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=amp_dtype)
@@ -293,7 +295,7 @@ def train_source_epoch(
     for iteration, batch in enumerate(bar):
         images = _to_device(batch[0], device, channels_last)
         labels = batch[1].to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             out = model(images)
         ce = losses.cross_entropy_with_label_smoothing(out.logits, labels, epsilon=label_smoothing)
         triplet = losses.batch_hard_triplet_loss(out.pooled, labels, margin=triplet_margin)
@@ -309,7 +311,7 @@ def train_source_epoch(
             optimizer.step()
         if target_loader_iter is not None:
             target_images = _to_device(next(target_loader_iter)[0], device, channels_last)
-            with torch.no_grad(), _autocast(device, amp_dtype):
+            with torch.no_grad(), autocast(device, amp_dtype):
                 model(target_images)
         accuracy = (out.logits.detach().argmax(1) == labels).float().mean()
         for name, value in (("ce", ce), ("triplet", triplet), ("total", total), ("accuracy", accuracy)):
