@@ -228,9 +228,7 @@ def train_target_epoch(
     bar = tqdm(loader, total=total_iterations, desc=f"epoch {epoch}", disable=not progress, leave=False)
     refined_labels = refined_labels.to(device)  # looked up by the batch's indices, on the same device
     for iteration, (images, coarse, _camids, indices) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
-        if channels_last and device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = training.images_to_device(images, device, channels_last)
         coarse = coarse.to(device, non_blocking=True)
         indices = indices.to(device, non_blocking=True)
         refined = refined_labels[indices]  # [B]

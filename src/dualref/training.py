@@ -219,7 +219,8 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device_type="cuda", dtype=amp_dtype)
 
 
-def _to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+def images_to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    """A batch of images on `device`, in channels-last layout when asked for and on CUDA."""
     images = images.to(device, non_blocking=True)
     if channels_last and device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
@@ -293,7 +294,7 @@ def train_source_epoch(
         mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     for iteration, batch in enumerate(bar):
-        images = _to_device(batch[0], device, channels_last)
+        images = images_to_device(batch[0], device, channels_last)
         labels = batch[1].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             out = model(images)
@@ -310,7 +311,7 @@ def train_source_epoch(
             total.backward()
             optimizer.step()
         if target_loader_iter is not None:
-            target_images = _to_device(next(target_loader_iter)[0], device, channels_last)
+            target_images = images_to_device(next(target_loader_iter)[0], device, channels_last)
             with torch.no_grad(), autocast(device, amp_dtype):
                 model(target_images)
         accuracy = (out.logits.detach().argmax(1) == labels).float().mean()
