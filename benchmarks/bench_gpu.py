@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dualref import adaptation, training
+from dualref import steps, training
+from dualref.config import LossConfig
 from dualref.distances import jaccard_distance, knn
-from dualref.losses.objective import LossWeights
 from dualref.memory_bank import InstantMemoryBank
 from dualref.models import ReidNet
 
@@ -120,7 +120,7 @@ def _make_step(
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "source":
         optimizer = torch.optim.Adam(params, lr=3.5e-4)
-        return lambda: training.train_source_epoch(
+        return lambda: steps.train_source_epoch(
             model,
             batches,
             optimizer,
@@ -138,23 +138,20 @@ def _make_step(
         memory.init_from(torch.randn(num_samples, model.feat_dim, device=device))
         params.append(memory.weight)
     optimizer = torch.optim.Adam(params, lr=3.5e-4)
-    settings = adaptation.TargetLossSettings(
-        weights=LossWeights(
-            ce_weight=0.5, refined_weight=0.5 if full else 0.0, memory_weight=0.1 if full else 0.0
-        ),
+    settings = LossConfig(
+        ce_weight=0.5,
+        refined_weight=0.5 if full else 0.0,
+        spread_weight=0.1 if full else 0.0,
         triplet_feature="bn_normalized" if full else "pooled",
-        memory_loss="spread_out",
-        spread_num_neighbors=6,
-        invariance_num_neighbors=6,
     )
     refined = torch.randint(0, 500, (num_samples,))
-    return lambda: adaptation.train_target_epoch(
+    return lambda: steps.train_target_epoch(
         model,
         batches,
         optimizer,
         refined,
         memory=memory,
-        settings=settings,
+        loss=settings,
         device=device,
         amp_dtype=training.AMP_DTYPES[amp],
         channels_last=channels_last,

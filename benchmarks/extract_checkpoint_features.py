@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualref import checkpoint, extraction, training
+from dualref import extraction, inference, training
 from dualref.data import datasets, loaders
-from dualref.source_training import model_from_checkpoint
 
 
 def main() -> None:
@@ -40,8 +39,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = training.resolve_device(args.device, key="--device")
-    state = checkpoint.load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(state).to(device)
+    model, state = inference.load_model(args.checkpoint)
+    model = model.to(device)
     train = datasets.load_dataset(args.dataset, args.root).train
     loader = loaders.test_loader(
         [s.path for s in train], height=int(state["height"]), width=int(state["width"]), num_workers=1

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dualref import demo
+from dualref.pipelines import demo
 
 
 def test_format_table_golden() -> None:

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualref import adaptation, extraction, losses, training
+from dualref import extraction, losses, steps, training
+from dualref.config import LossConfig
 from dualref.distances import jaccard_distance, knn
-from dualref.losses.objective import LossWeights
 from dualref.memory_bank import InstantMemoryBank
 from dualref.models import ReidNet
 
@@ -41,7 +41,7 @@ def test_source_training_learns_on_device(device: torch.device, amp: str, channe
     optimizer = training.build_adam(model.parameters(), lr=3e-3, weight_decay=0.0)
     batches = _identity_batches(8, seed=0)
     stats = [
-        training.train_source_epoch(
+        steps.train_source_epoch(
             model,
             batches,
             optimizer,
@@ -72,21 +72,15 @@ def test_full_objective_step_on_device(device: torch.device, amp: str) -> None:
     before = memory.bank().detach().clone()
     params = [p for p in model.parameters() if p.requires_grad] + [memory.weight]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    settings = adaptation.TargetLossSettings(
-        weights=LossWeights(ce_weight=0.5, refined_weight=0.5, memory_weight=0.1),
-        triplet_feature="bn_normalized",
-        memory_loss="spread_out",
-        spread_num_neighbors=6,
-        invariance_num_neighbors=6,
-    )
+    settings = LossConfig(ce_weight=0.5, refined_weight=0.5, spread_weight=0.1)
     refined = (torch.arange(num_samples) // 4) % 4
-    stats = adaptation.train_target_epoch(
+    stats = steps.train_target_epoch(
         model,
         _identity_batches(4, seed=1),
         optimizer,
         refined,
         memory=memory,
-        settings=settings,
+        loss=settings,
         device=device,
         amp_dtype=training.AMP_DTYPES[amp],
         progress=False,

@@ -1,7 +1,7 @@
 """Tests of dualref.distances: exact k-NN, the sparse k-reciprocal Jaccard distance and re-ranking.
 
 The reference implementations below are straightforward dense numpy transcriptions of
-REFERENCE_BEHAVIOUR.md section 3 (full argsort, Python sets per row, a dense V matrix). They are
+docs/method.md section 3 (full argsort, Python sets per row, a dense V matrix). They are
 slow and obviously O(N^2); the library must give the same numbers without an N x N matrix.
 Float64 features make both sides rank with the same similarities, so the comparison is not
 disturbed by near-ties; a float32 run is compared too, on data whose ranking margins are checked.

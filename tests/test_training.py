@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dualref import training
+from dualref import steps, training
 from dualref.models import ReidOutput
 
 BASE = 3.5e-4
@@ -157,13 +157,13 @@ def tiny_batches(num_batches: int, seed: int) -> list[tuple[Tensor, Tensor, Tens
     return batches
 
 
-def run_epochs(model: nn.Module, num_epochs: int, target: bool) -> list[training.EpochStats]:
+def run_epochs(model: nn.Module, num_epochs: int, target: bool) -> list[steps.EpochStats]:
     optimizer = training.build_adam(model.parameters(), lr=1e-2, weight_decay=0.0)
     batches = tiny_batches(6, seed=0)
     target_batches = tiny_batches(6 * num_epochs, seed=1)
     target_iter = iter(target_batches) if target else None
     return [
-        training.train_source_epoch(
+        steps.train_source_epoch(
             model,
             batches,
             optimizer,
@@ -216,7 +216,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step() -> None:
     images, labels, camids, indices = batches[1]
     batches[1] = (images.clone().fill_(math.nan), labels, camids, indices)
     with pytest.raises(training.NonFiniteLossError, match="at epoch 5 iteration 1"):
-        training.train_source_epoch(
+        steps.train_source_epoch(
             model,
             batches,
             optimizer,

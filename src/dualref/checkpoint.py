@@ -15,12 +15,12 @@ other pickle.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dualref import io
 
 FORMAT = "dualref-checkpoint-v1"
 
@@ -28,9 +28,7 @@ FORMAT = "dualref-checkpoint-v1"
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` so that the file is either the old one or the complete new one.
 
-    The state goes to a temporary file in the same folder, is flushed and fsynced, and then replaces
-    `path` with `os.replace` (atomic on POSIX). A failure at any point leaves the previous file intact
-    and removes the temporary file.
+    Written through `io.atomic_write`: a failure at any point leaves the previous file intact.
 
     Args:
         path: destination file; its folder is created if needed.
@@ -38,30 +36,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint state must be a dict, got {type(state).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({**state, "format": FORMAT}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable (the directory entry), where the platform allows it.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    io.write_bytes(path, lambda handle: torch.save({**state, "format": FORMAT}, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

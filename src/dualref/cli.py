@@ -7,11 +7,15 @@ lazily so that `dualref --help` stays fast. Config objects stop here and in the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from dualref import __version__
+
+DEBUG_ENV = "DUALREF_DEBUG"
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
@@ -29,9 +33,29 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from dualref import cluster_command
+    from dualref import training
+    from dualref.config import ClusteringConfig
+    from dualref.pipelines import cluster
 
-    return cluster_command.run(args)
+    # Flags left out keep the defaults of `clustering.*` (config.ClusteringConfig), defined once there.
+    given = {
+        "k1": args.k1,
+        "k2": args.k2,
+        "dbscan_rho": args.rho,
+        "dbscan_eps": args.eps,
+        "max_cluster_share": args.max_cluster_share,
+        "min_samples": args.min_samples,
+        "num_subclusters": args.num_subclusters,
+    }
+    settings = ClusteringConfig(**{key: value for key, value in given.items() if value is not None})
+    return cluster.run_cluster(
+        Path(args.features),
+        settings=settings,
+        pids_path=Path(args.pids) if args.pids is not None else None,
+        out=Path(args.out) if args.out is not None else None,
+        seed=args.seed,
+        device=training.resolve_device(args.device, key="--device"),
+    )
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -43,30 +67,45 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dualref import config as config_lib
-    from dualref import source_training
+    from dualref.pipelines import pretrain
 
     cfg = config_lib.load_config(config_lib.PretrainConfig, _config_path(args), args.set)
-    source_training.pretrain_on_source(cfg, resume=args.resume)
+    pretrain.pretrain_on_source(cfg, resume=args.resume)
     return 0
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from dualref import adaptation
     from dualref import config as config_lib
+    from dualref.pipelines import adapt
 
     cfg = config_lib.load_config(config_lib.AdaptConfig, _config_path(args), args.set)
-    adaptation.adapt_to_target(cfg, resume=args.resume)
+    adapt.adapt_to_target(cfg, resume=args.resume)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dualref import source_training
+    from dualref import inference, training
 
-    return source_training.evaluate_checkpoint_command(args)
+    metrics = inference.evaluate_checkpoint(
+        args.checkpoint,
+        args.dataset,
+        args.root,
+        device=training.resolve_device(args.device, key="--device"),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        flip=args.flip,
+        rerank=args.rerank,
+        height=args.height,
+        width=args.width,
+    )
+    options = ", ".join(name for name, on in (("flip", args.flip), ("re-ranking", args.rerank)) if on)
+    print(f"{args.checkpoint} on {args.dataset} ({args.root}){f' with {options}' if options else ''}")
+    print(inference.format_table(metrics))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dualref import demo
+    from dualref.pipelines import demo
 
     return demo.run_demo(args.out, seed=args.seed, quick=args.quick, device=args.device, amp=args.amp)
 
@@ -78,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Unsupervised domain adaptive person re-ID (Dual-Refinement).",
     )
     parser.add_argument("--version", action="version", version=f"dualref {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of every error (also: environment variable {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="inspect or generate data sets")
@@ -101,12 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("features", help="[N, D] float .npy file")
     cluster.add_argument("--pids", help="[N] int .npy of ground-truth ids, for the quality table only")
     cluster.add_argument("--out", default=None, help="output folder (default: beside FEATURES)")
-    cluster.add_argument("--k1", type=int, default=20)
-    cluster.add_argument("--k2", type=int, default=6)
-    cluster.add_argument("--rho", type=float, default=1.6e-3, help="DBSCAN eps quantile (paper: rho)")
-    cluster.add_argument("--eps", type=float, default=None, help="fixed DBSCAN eps (overrides --rho)")
-    cluster.add_argument("--min-samples", type=int, default=4)
-    cluster.add_argument("--num-subclusters", type=int, default=2, help="paper: R")
+    cluster.add_argument("--k1", type=int, help="k-reciprocal neighbourhood (default: clustering.k1)")
+    cluster.add_argument("--k2", type=int, help="query expansion (default: clustering.k2)")
+    cluster.add_argument("--rho", type=float, help="DBSCAN eps quantile, paper: rho (clustering.dbscan_rho)")
+    cluster.add_argument(
+        "--eps", type=float, help="fixed DBSCAN eps, overrides --rho (clustering.dbscan_eps)"
+    )
+    cluster.add_argument(
+        "--max-cluster-share", type=float, help="cap of the rho rule (clustering.max_cluster_share)"
+    )
+    cluster.add_argument("--min-samples", type=int, help="DBSCAN core points (clustering.min_samples)")
+    cluster.add_argument("--num-subclusters", type=int, help="paper: R (clustering.num_subclusters)")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--device", default="cpu")
     cluster.set_defaults(func=_cmd_cluster)
@@ -155,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError) as err:
-        # Bad input is reported in one line that names the culprit; no traceback for user errors.
+        # Bad input is reported in one line that names the culprit; the traceback only when debugging.
+        if debug:
+            traceback.print_exc()
         print(f"dualref: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 The Jaccard distance (``distances.jaccard_distance``) is a ``scipy.sparse`` CSR matrix that stores every pair
 with distance < 1, explicit zeros included; absent pairs are exactly 1. Everything here works on the stored
 entries only (O(nnz) memory) and reproduces what the reference computes on the dense N x N matrix
-(REFERENCE_BEHAVIOUR.md section 3, steps 4, 5 and 7).
+(docs/method.md section 3, steps 4, 5 and 7).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _row_indices(dist: scipy.sparse.csr_matrix) -> np.ndarray:
 def dbscan_eps(dist: scipy.sparse.csr_matrix, rho: float = 1.6e-3) -> float:
     """DBSCAN radius: the mean of the smallest ``rho`` fraction of the non-zero pairwise distances.
 
-    The reference (REFERENCE_BEHAVIOUR.md section 3, step 4) takes the strictly upper-triangular part of the
+    The reference (docs/method.md section 3, step 4) takes the strictly upper-triangular part of the
     dense Jaccard matrix, drops the entries that are exactly 0, sorts the rest and averages the smallest
     ``round(rho * count)`` of them. The implicit (absent) entries are 1.0 and are part of ``count``:
     ``count = N (N - 1) / 2 - (stored exact zeros above the diagonal)``. Only the stored entries are read
@@ -147,7 +147,7 @@ def cluster_dbscan(dist: scipy.sparse.csr_matrix, eps: float, min_samples: int =
 def cluster_centroids(features: Tensor, labels: np.ndarray, num_clusters: int) -> Tensor:
     """L2-normalised mean feature of every cluster, outliers excluded (classifier initialisation).
 
-    REFERENCE_BEHAVIOUR.md section 3, step 7: the mean of the (normalised) member features of each coarse
+    docs/method.md section 3, step 7: the mean of the (normalised) member features of each coarse
     cluster, L2-normalised.
 
     Args:

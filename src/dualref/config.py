@@ -5,16 +5,14 @@ dataclasses, checks every key and value against the field types, and raises Valu
 key (with the closest valid keys) or value. The resolved config is saved into the run folder with
 `save_config`. Config objects stop at the CLI and the pipelines; everything below takes plain arguments.
 
-Defaults reproduce the authors' code (see shared/method/REFERENCE_BEHAVIOUR.md), not the paper's text,
-where the two differ; each such field says so.
+Defaults reproduce the authors' code (see docs/method.md), not the paper's text, where the two differ;
+each such field says so. Options added for the CPU study (docs/study.md) are off by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -24,13 +22,16 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "tiny")
-LR_SCHEDULES = ("warmup_multistep", "step", "constant")
+from dualref import io
+
+# Choices owned by the modules that implement them; the config only validates against them.
+from dualref.losses.spread_out import VARIANTS as SPREAD_VARIANTS
+from dualref.models.backbone import ARCHS
+from dualref.training import AMP_DTYPES, SCHEDULES
+
 TRIPLET_FEATURES = ("pooled", "bn_normalized")
 MEMORY_KINDS = ("instant", "traditional", "minibatch")
 MEMORY_LOSSES = ("spread_out", "invariance")
-SPREAD_VARIANTS = ("reference", "paper")
-AMP_DTYPES = ("none", "bf16", "fp16")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -84,9 +85,13 @@ class ModelConfig:
     last_stride: int = 1  # ResNet layer4 stride (reference: 1)
     stem_relu: bool = False  # ReLU after the ResNet stem (reference: none, a quirk inherited from MMT)
     neck_relu: bool = False  # ReLU after the BN neck (paper: yes; reference code: no)
+    # Ghost BatchNorm: train-mode BN statistics over this many equal chunks of the batch. The authors'
+    # 4-GPU DataParallel normalised 4 shards of 16 images (G = 4); 1 = one BN over the whole batch.
+    bn_groups: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("model.arch", self.arch, ARCHS)
+        _check_positive("model.bn_groups", self.bn_groups)
         if self.last_stride not in (1, 2):
             raise ValueError(f"model.last_stride={self.last_stride!r}; expected 1 or 2")
 
@@ -114,7 +119,7 @@ class OptimConfig:
         # 0 epochs = evaluate the starting model only (adaptation: the direct-transfer row)
         _check_positive("optim.epochs", self.epochs, allow_zero=True)
         _check_positive("optim.iters_per_epoch", self.iters_per_epoch)
-        _check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"optim.milestones={self.milestones!r}; expected increasing epochs")
 
@@ -128,6 +133,10 @@ class ClusteringConfig:
     dbscan_rho: float = 1.6e-3  # eps = mean of the smallest rho fraction of pairwise distances (paper: rho)
     # A fixed DBSCAN eps instead of the rho rule (SpCL and Cluster Contrast use 0.6); None = the rho rule.
     dbscan_eps: float | None = None
+    # Label-free cap on the rho rule: lower eps until the largest cluster holds at most this share of
+    # the images (a weak source model makes the rho rule chain much of the target into one cluster).
+    # 1.0 = off (the paper's rule); ignored with a fixed dbscan_eps.
+    max_cluster_share: float = 1.0
     min_samples: int = 4  # DBSCAN core-point threshold
     num_subclusters: int = 2  # prototypes per cluster in the refinement (paper: R; D->M 5, M->D 2)
     device: str | None = None  # device of the neighbour search; None = the run's device
@@ -139,6 +148,9 @@ class ClusteringConfig:
         _check_positive("clustering.num_subclusters", self.num_subclusters)
         if not 0.0 < self.dbscan_rho < 1.0:
             raise ValueError(f"clustering.dbscan_rho={self.dbscan_rho!r}; expected 0 < rho < 1")
+        if not 0.0 < self.max_cluster_share <= 1.0:
+            share = self.max_cluster_share
+            raise ValueError(f"clustering.max_cluster_share={share!r}; expected 0 < share <= 1")
         if self.dbscan_eps is not None and not 0.0 < self.dbscan_eps <= 1.0:
             raise ValueError(
                 f"clustering.dbscan_eps={self.dbscan_eps!r}; expected 0 < eps <= 1 (Jaccard) or null"
@@ -155,6 +167,10 @@ class LossConfig:
     label_smoothing: float = 0.1  # cross-entropy label smoothing epsilon
     triplet_margin: float | None = None  # None = soft-margin triplet (reference); 0.5 = paper's hinge
     triplet_feature: str = "bn_normalized"  # bn_normalized (Dual-Refinement) or pooled (source, baseline)
+    # Multiplies the bn_normalized triplet feature. The soft-margin triplet is not scale-invariant: on
+    # unit vectors its gradient is ~1/|bn| (~1/36 on MobileNetV2) of the pooled feature's, so CE drives
+    # the Dual-Refinement script while the pooled triplet drives the baseline's. 1.0 = the reference.
+    triplet_scale: float = 1.0
     spread_margin: float = 0.35  # margin inside the spread-out loss (paper: m)
     spread_num_neighbors: int = 6  # nearest bank entries treated as positives (paper: k)
     spread_variant: str = "reference"  # reference (code's positives/negatives) or paper
@@ -163,7 +179,16 @@ class LossConfig:
     memory_momentum: float = 0.5  # update momentum of the traditional memory
     invariance_temperature: float = 0.05  # temperature of the invariance loss
     invariance_num_neighbors: int = 6  # ECN neighbourhood size k (0 = exemplar invariance only)
-    bank_grad_scale: float = 2.0  # the reference multiplies the bank gradient by 1/lambda = 2
+    # Multiplier of the instant bank's gradient; null = the reference's 1/ce_weight (2 at lambda 0.5),
+    # and 1 when ce_weight is 0 (the reference then applies none).
+    bank_grad_scale: float | None = None
+    # mu ramps linearly from 0 over this many epochs (epoch e trains with mu * min(1, e / E)): the
+    # spread-out term then starts once the clusters and the bank have moved off the source model's
+    # neighbourhoods. 0 = the full mu from the first epoch (reference).
+    spread_rampup_epochs: int = 0
+    # Re-initialise the instant bank from every epoch's extracted features (reference: only at epoch 0,
+    # so with few iterations the bank stays near the source model's features).
+    bank_refresh: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "spread_weight", "label_smoothing", "spread_margin"):
@@ -177,6 +202,22 @@ class LossConfig:
         _check_choice("loss.memory_loss", self.memory_loss, MEMORY_LOSSES)
         if not 0.0 <= self.memory_momentum < 1.0:
             raise ValueError(f"loss.memory_momentum={self.memory_momentum!r}; expected 0 <= m < 1")
+        _check_positive("loss.triplet_scale", self.triplet_scale)
+        _check_positive("loss.spread_rampup_epochs", self.spread_rampup_epochs, allow_zero=True)
+        if self.bank_grad_scale is not None:
+            _check_positive("loss.bank_grad_scale", self.bank_grad_scale)
+
+    def bank_gradient_scale(self) -> float:
+        """The instant bank's gradient multiplier: `bank_grad_scale`, or the reference's 1/ce_weight."""
+        if self.bank_grad_scale is not None:
+            return self.bank_grad_scale
+        return 1.0 / self.ce_weight if self.ce_weight > 0 else 1.0
+
+    def spread_weight_at(self, epoch: int) -> float:
+        """mu of a 0-based epoch under the ramp-up (`spread_rampup_epochs`)."""
+        if self.spread_rampup_epochs == 0:
+            return self.spread_weight
+        return self.spread_weight * min(1.0, epoch / self.spread_rampup_epochs)
 
 
 @dataclass(frozen=True)
@@ -191,9 +232,13 @@ class RunConfig:
     eval_every: int = 1  # evaluate on the test split every this many epochs (0 = only at the end)
     progress: bool = True  # progress bars with ETA
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    # Every this many iterations, record each loss term's gradient norm at the trunk's output
+    # (adaptation; diagnostics only, the training is the same without it). 0 = off.
+    diagnostics_every: int = 10
 
     def __post_init__(self) -> None:
-        _check_choice("run.amp", self.amp, AMP_DTYPES)
+        _check_choice("run.amp", self.amp, tuple(AMP_DTYPES))
+        _check_positive("run.diagnostics_every", self.diagnostics_every, allow_zero=True)
         _check_positive("run.eval_every", self.eval_every, allow_zero=True)
         _check_positive("run.threads", self.threads, allow_zero=True)
 
@@ -220,6 +265,9 @@ class PretrainConfig:
     forward_target_batches: bool = True  # reference: forward a target batch per step to adapt BN stats
     evaluate_target: bool = True  # evaluate direct transfer on the target at the end
 
+    def __post_init__(self) -> None:
+        _check_bn_groups(self.data, self.model)
+
 
 def _adapt_optim() -> OptimConfig:
     return OptimConfig(epochs=40, iters_per_epoch=400, schedule="step", lr_decay_epochs=20)
@@ -240,6 +288,17 @@ class AdaptConfig:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(run_dir="runs/adapt"))
+
+    def __post_init__(self) -> None:
+        _check_bn_groups(self.data, self.model)
+
+
+def _check_bn_groups(data: DataConfig, model: ModelConfig) -> None:
+    if data.batch_size % model.bn_groups:
+        raise ValueError(
+            f"model.bn_groups={model.bn_groups} does not divide data.batch_size={data.batch_size}; "
+            "expected equal chunks"
+        )
 
 
 ConfigT = TypeVar("ConfigT")
@@ -410,12 +469,4 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    io.write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -4,7 +4,7 @@ Everything here works in O(N * k) memory: no function allocates an N x N matrix.
 work is the unavoidable similarity scan of `knn`, done block by block (each block of F F^T is
 computed once and serves both its rows and, transposed, its columns).
 
-Semantics (REFERENCE_BEHAVIOUR.md section 3, "Jaccard distance as implemented", the k-reciprocal
+Semantics (docs/method.md section 3, "Jaccard distance as implemented", the k-reciprocal
 encoding of Zhong et al., CVPR 2017, as used by MMT and Dual-Refinement):
 
 1. ``d_ij = 2 - 2 f_i.f_j`` (squared Euclidean distance of unit vectors), each row divided by its
@@ -498,7 +498,7 @@ def jaccard_distance(
 ) -> sparse.csr_matrix:
     """k-reciprocal Jaccard distance between all rows of `features`, as the reference computes it.
 
-    Semantics: see the module docstring (REFERENCE_BEHAVIOUR.md section 3). Runs in O(N * k)
+    Semantics: see the module docstring (docs/method.md section 3). Runs in O(N * k)
     memory; everything (plain tensor code) runs on `device`.
 
     The result's invariants, which the clustering relies on:

@@ -1,6 +1,6 @@
 """Standard person re-ID evaluation: mAP, CMC ("market1501" setting) and mINP.
 
-Protocol (REFERENCE_BEHAVIOUR.md section 6):
+Protocol (docs/method.md section 6):
 
 * for each query the gallery is ranked by distance (smaller = closer);
 * gallery entries with the **same pid and the same camera** as the query are ignored ("junk");

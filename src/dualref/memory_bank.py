@@ -1,6 +1,6 @@
 """Memory banks over the target training set: one vector per target image, addressed by dataset index.
 
-REFERENCE_BEHAVIOUR.md §5 and the paper's Table III:
+docs/method.md §5 and the paper's Table III:
 
 * `InstantMemoryBank` (the paper's IM, the default): one trainable parameter [N, D], initialised once from
   the source model's L2-normalised target features (epoch 0) and then moved by back-propagation of the

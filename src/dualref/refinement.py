@@ -1,6 +1,6 @@
 """Hierarchical (coarse-to-fine) label refinement: k-means prototypes inside every coarse cluster.
 
-REFERENCE_BEHAVIOUR.md section 4. Every coarse cluster with more than R members is split by k-means into
+docs/method.md section 4. Every coarse cluster with more than R members is split by k-means into
 R prototypes (scikit-learn's algorithm as the reference ran it: k-means++ seeding, 10 restarts keeping the
 lowest inertia, Lloyd iterations up to 300, tolerance 1e-4 of the mean per-dimension variance); a cluster
 with R or fewer members gets R copies of its mean. Prototypes are L2-normalised, and every sample (outliers
@@ -325,7 +325,7 @@ def _padded_points(
 def subcluster_prototypes(
     features: Tensor, coarse_labels: np.ndarray, num_subclusters: int, seed: int = 0
 ) -> Tensor:
-    """R L2-normalised k-means prototypes inside every coarse cluster (REFERENCE_BEHAVIOUR.md section 4).
+    """R L2-normalised k-means prototypes inside every coarse cluster (docs/method.md section 4).
 
     Clusters with more than R members: scikit-learn-style k-means (k-means++ seeding, 10 restarts, the lowest
     inertia kept, at most 300 Lloyd iterations, tol 1e-4) on the member features, all clusters and restarts
@@ -376,7 +376,7 @@ def refine_labels(
 ) -> np.ndarray:
     """Refined labels: every sample re-assigned to the cluster of highest summed prototype similarity.
 
-    REFERENCE_BEHAVIOUR.md section 4: y_i = argmax_l sum_r <c_lr, f_i> over all L coarse clusters, for every
+    docs/method.md section 4: y_i = argmax_l sum_r <c_lr, f_i> over all L coarse clusters, for every
     sample, outliers included (the paper averages over r instead of summing: same argmax). R = 1 is
     nearest-normalised-centroid re-assignment.
 

@@ -10,15 +10,15 @@ Plots are drawn with matplotlib's object API on the Agg canvas: no pyplot global
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-METRICS_FILE = "metrics.jsonl"
+from dualref import io
+from dualref.runs import METRICS_FILE
+
 SUMMARY_FILE = "summary.md"
 FSCORE_PLOT = "label_fscore.png"
 RANK_PLOT = "target_rank.png"
@@ -99,7 +99,7 @@ def write_report(run_dir: str | Path) -> Path:
         )
         plots.append(RANK_PLOT)
     path = run_dir / SUMMARY_FILE
-    write_text(path, summary_markdown(epochs, config, plots))
+    io.write_text(path, summary_markdown(epochs, config, plots))
     return path
 
 
@@ -262,22 +262,4 @@ def _line_plot(
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, then rename)."""
-    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    io.write_bytes(path, lambda handle: figure.savefig(handle, format="png"))

@@ -1,27 +1,19 @@
-"""Training helpers shared by the pipelines: the LR schedule, Adam, the finite-loss guard, one source epoch.
+"""Training helpers shared by the steps and pipelines: LR schedule, Adam, devices, AMP, the finite-loss guard.
 
-The learning rate is a pure function of the epoch (`lr_at_epoch`) applied with `set_lr` before each
-epoch; there is no scheduler object to save or restore. `train_source_epoch` is the supervised step of
-REFERENCE_BEHAVIOUR.md section 2: label-smoothed cross-entropy plus the soft-margin batch-hard triplet
-on the pre-BN pooled feature, both with weight 1.
+The learning rate is a pure function of the epoch (`lr_at_epoch`), given to a fresh or updated optimizer
+before each epoch; there is no scheduler object to save or restore. The epochs themselves are in `steps`.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import sys
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
-
-from dualref import losses
 
 SCHEDULES = ("warmup_multistep", "step", "constant")
 # run.amp -> autocast dtype (None: float32).
@@ -185,33 +177,6 @@ def check_finite(loss: Tensor, *, epoch: int, iteration: int) -> None:
         raise NonFiniteLossError(float(loss.detach().float().sum()), epoch=epoch, iteration=iteration)
 
 
-@dataclass(frozen=True)
-class EpochStats:
-    """What one training epoch did.
-
-    Attributes:
-        means: per-term means over the epoch's iterations (e.g. "ce", "triplet", "total",
-            "accuracy" = training-batch top-1 of the classifier).
-        iterations: optimizer steps taken.
-        seconds: wall time of the epoch, data loading included.
-        images_per_second: trained (source) images per second.
-    """
-
-    means: Mapping[str, float] = field(default_factory=dict)
-    iterations: int = 0
-    seconds: float = 0.0
-    images_per_second: float = 0.0
-
-    def as_metrics(self) -> dict[str, float | int]:
-        """Flat dict for `Run.log_metrics`: the means plus iterations, seconds and images_per_second."""
-        return {
-            **self.means,
-            "iterations": self.iterations,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images_per_second, 2),
-        }
-
-
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """Autocast to `amp_dtype` on CUDA; elsewhere (or with None) a no-op: the run stays in float32."""
     if amp_dtype is None or device.type != "cuda":
@@ -225,107 +190,3 @@ def images_to_device(images: Tensor, device: torch.device, channels_last: bool) 
     if channels_last and device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     return images
-
-
-def train_source_epoch(
-    model: nn.Module,
-    loader: Iterable[Sequence[Tensor]],
-    optimizer: torch.optim.Optimizer,
-    *,
-    device: torch.device,
-    label_smoothing: float,
-    triplet_margin: float | None,
-    target_loader_iter: Iterator[Sequence[Tensor]] | None = None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress: bool = True,
-    epoch: int = 0,
-) -> EpochStats:
-    """One epoch of supervised source training (REFERENCE_BEHAVIOUR.md section 2).
-
-    Per batch: ``ce = CE_ls(logits, labels)`` with label smoothing, ``triplet`` = batch-hard triplet on
-    the pre-BN pooled feature (soft margin when `triplet_margin` is None), ``total = ce + triplet``;
-    a non-finite total raises before the optimizer step. When `target_loader_iter` is given, one target
-    batch is then pushed through the model in train mode without gradient: its outputs are discarded and
-    only the BatchNorm running statistics move towards the target domain (the reference's undocumented
-    quirk; it forwards the target batch between the source forward and the step, we do it right after
-    the step, which differs only by one step's weight change).
-
-    Args:
-        model: a `ReidNet` (train mode is set here) returning `ReidOutput(pooled, bn, logits)`.
-        loader: yields ``(images [B, 3, H, W], labels [B], camids [B], indices [B])``; its length is
-            the number of iterations.
-        optimizer: built by `build_adam`, learning rate already set for this epoch.
-        device: where the model lives.
-        label_smoothing: epsilon of the cross-entropy (reference: 0.1).
-        triplet_margin: None = soft margin (reference), else the hinge margin.
-        target_loader_iter: yields target batches of the same form (labels ignored), at least one per
-            source batch; None disables the BatchNorm adaptation.
-        amp_dtype: torch.bfloat16 / torch.float16 for autocast on CUDA; ignored on CPU.
-        channels_last: channels-last inputs on CUDA (convert the model with ``model.to(memory_format=
-            torch.channels_last)`` beforehand); ignored on CPU.
-        progress: show a progress bar with ETA.
-        epoch: 0-based epoch, for the progress bar and error messages.
-
-    Returns:
-        The epoch's `EpochStats` (means of "ce", "triplet", "total", "accuracy").
-
-    Raises:
-        NonFiniteLossError: the loss became NaN or infinite (weights not updated with it).
-    """
-    model.train()
-    use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
-    # A fresh loss scaler per epoch: checkpoints are taken between epochs, so resume stays exact without
-    # saving its state; the cost is a few skipped steps while the scale settles at each epoch start.
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    sums = {"ce": 0.0, "triplet": 0.0, "total": 0.0, "accuracy": 0.0}
-    num_images = 0
-    iteration = 0
-    total_iterations = len(loader) if isinstance(loader, Sized) else None
-    start = time.perf_counter()
-    bar = tqdm(
-        loader,
-        total=total_iterations,
-        desc=f"epoch {epoch}",
-        disable=not progress,
-        leave=False,
-        dynamic_ncols=True,
-        # In a log file (nohup) a bar line every 30 s is enough; on a terminal refresh normally.
-        mininterval=0.1 if sys.stderr.isatty() else 30.0,
-    )
-    for iteration, batch in enumerate(bar):
-        images = images_to_device(batch[0], device, channels_last)
-        labels = batch[1].to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            out = model(images)
-        ce = losses.cross_entropy_with_label_smoothing(out.logits, labels, epsilon=label_smoothing)
-        triplet = losses.batch_hard_triplet_loss(out.pooled, labels, margin=triplet_margin)
-        total = ce + triplet
-        check_finite(total, epoch=epoch, iteration=iteration)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            total.backward()
-            optimizer.step()
-        if target_loader_iter is not None:
-            target_images = images_to_device(next(target_loader_iter)[0], device, channels_last)
-            with torch.no_grad(), autocast(device, amp_dtype):
-                model(target_images)
-        accuracy = (out.logits.detach().argmax(1) == labels).float().mean()
-        for name, value in (("ce", ce), ("triplet", triplet), ("total", total), ("accuracy", accuracy)):
-            sums[name] += float(value.detach())
-        num_images += int(labels.shape[0])
-        if progress and iteration % 10 == 0:
-            bar.set_postfix(loss=f"{sums['total'] / (iteration + 1):.3f}")
-    bar.close()
-    iterations = iteration + 1 if num_images else 0
-    seconds = time.perf_counter() - start
-    return EpochStats(
-        means={name: value / max(iterations, 1) for name, value in sums.items()},
-        iterations=iterations,
-        seconds=seconds,
-        images_per_second=num_images / seconds if seconds > 0 else 0.0,
-    )

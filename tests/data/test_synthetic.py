@@ -182,7 +182,8 @@ def test_existing_complete_tree_is_reused_and_stale_tree_replaced(tmp_path: Path
 
 def test_crash_leaves_no_tree_that_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = synthetic._render_rows
+    # Patch the module whose globals write_domain reads (the package only re-exports).
+    real = synthetic.writing._render_rows
 
     def failing(plan: synthetic.DomainPlan, rows: np.ndarray) -> np.ndarray:
         calls["n"] += 1
@@ -190,8 +191,8 @@ def test_crash_leaves_no_tree_that_looks_complete(tmp_path: Path, monkeypatch: p
             raise RuntimeError("simulated crash")
         return real(plan, rows)
 
-    monkeypatch.setattr(synthetic, "_RENDER_CHUNK", 16)
-    monkeypatch.setattr(synthetic, "_render_rows", failing)
+    monkeypatch.setattr(synthetic.writing, "_RENDER_CHUNK", 16)
+    monkeypatch.setattr(synthetic.writing, "_render_rows", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         synthetic.write_domain(tmp_path, TINY, seed=0)
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ from dualref.losses import LossTerms, LossWeights, dual_refinement_objective
 
 
 def _weights(lam: float, alpha: float, mu: float) -> LossWeights:
-    return LossWeights(ce_weight=lam, refined_weight=alpha, memory_weight=mu)
+    return LossWeights(ce_weight=lam, refined_weight=alpha, spread_weight=mu)
 
 
 def _terms(values: tuple[float, float, float, float, float]) -> LossTerms:
@@ -45,7 +45,7 @@ def test_ablation_weights_switch_terms_off() -> None:
     terms = _terms((1.0, 2.0, 30.0, 40.0, 500.0))
     baseline = dual_refinement_objective(terms, _weights(0.5, 0.0, 0.0))
     assert baseline.item() == pytest.approx(0.5 * 1 + 2)  # refined and memory terms ignored
-    refined_only = dual_refinement_objective(terms, LossWeights(refined_weight=1.0, memory_weight=0.0))
+    refined_only = dual_refinement_objective(terms, LossWeights(refined_weight=1.0, spread_weight=0.0))
     assert refined_only.item() == pytest.approx(0.5 * 30 + 40)
 
 
@@ -67,7 +67,7 @@ def test_random_terms_match_a_naive_expression() -> None:
     [
         ({"ce_weight": -1.0}, "ce_weight"),
         ({"refined_weight": 1.5}, "refined_weight"),
-        ({"memory_weight": -0.1}, "memory_weight"),
+        ({"spread_weight": -0.1}, "spread_weight"),
     ],
 )
 def test_invalid_weights_are_rejected(kwargs: dict[str, float], name: str) -> None:

@@ -5,7 +5,7 @@ run on uint8 data, which is 4x less memory traffic than float; conversion to flo
 before normalisation. Randomness comes from the torch global RNG, which DataLoader seeds per worker
 (see :mod:`dualref.data.loaders`).
 
-Reference pipeline (REFERENCE_BEHAVIOUR.md section 2): bicubic resize to (height, width), horizontal
+Reference pipeline (docs/method.md section 2): bicubic resize to (height, width), horizontal
 flip p=0.5, zero-pad 10 px then random crop back to (height, width), to float in [0, 1], ImageNet
 normalisation, then (target training only) random erasing written into the *normalised* tensor with the
 fill values 0.485 / 0.456 / 0.406.

@@ -1,4 +1,4 @@
-"""Cross-entropy with label smoothing (REFERENCE_BEHAVIOUR.md §2, "CE_ls")."""
+"""Cross-entropy with label smoothing (docs/method.md §2, "CE_ls")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IM-spread-out loss against the instant memory bank (REFERENCE_BEHAVIOUR.md §5; paper Eq. 9).
+"""IM-spread-out loss against the instant memory bank (docs/method.md §5; paper Eq. 9).
 
 For a sample b with L2-normalised feature f_b and dataset index i_b, with similarities
 s_j = <f_b, v̂_j> to every normalised bank row v̂_j (N rows), a positive set P_b and a negative set

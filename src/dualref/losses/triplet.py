@@ -1,7 +1,7 @@
 """Batch-hard triplet loss, soft-margin (reference) or hinge (paper) form.
 
 Hermans et al., "In Defense of the Triplet Loss for Person Re-Identification", 2017, §2 (batch hard,
-soft margin). REFERENCE_BEHAVIOUR.md §2: the reference uses the soft-margin form everywhere; the
+soft margin). docs/method.md §2: the reference uses the soft-margin form everywhere; the
 paper states a hinge with margin 0.5.
 """
 

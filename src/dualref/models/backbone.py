@@ -4,7 +4,7 @@ A trunk maps images [B, 3, H, W] to a feature map [B, C, h, w]; pooling and the 
 `reid_net.py`. Parameter names follow torchvision (``conv1.*``, ``layer4.*``, ``features.*``), so
 torchvision state dicts load into the trunks directly, minus their classification heads.
 
-Reference quirks (REFERENCE_BEHAVIOUR.md §2), both the default here:
+Reference quirks (docs/method.md §2), both the default here:
 
 * **Last stride 1**: the first block of the last stage does not downsample, so a 256x128 input gives
   a 16x8 map instead of 8x4. For ResNets this is ``layer4[0]`` (its strided conv and its downsample

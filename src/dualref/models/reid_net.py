@@ -1,9 +1,14 @@
 """ReidNet: trunk -> global average pooling -> BatchNorm neck (frozen bias) -> bias-free classifier.
 
-REFERENCE_BEHAVIOUR.md §2. In training the network returns a `ReidOutput` (the pre-BN pooled feature
+docs/method.md §2. In training the network returns a `ReidOutput` (the pre-BN pooled feature
 for the source triplet loss, the BN-neck feature, and logits on the un-normalised BN-neck feature);
 in evaluation it returns the L2-normalised BN-neck feature. The paper's "BN followed by ReLU" is
 ``neck_relu=True``; the reference code has no ReLU there (the default).
+
+Ghost BatchNorm (``bn_groups=G``): in train mode every BatchNorm layer normalises G equal consecutive
+chunks of the batch with their own statistics, which is what the authors' 4-GPU `nn.DataParallel` did
+(each GPU's replica saw 16 of the 64 images). As with DataParallel, the running statistics follow the
+first chunk only (the replica on the first GPU shares the module's buffers; the others' updates are lost).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class ReidNet(nn.Module):
         last_stride: 1 (reference) or 2; see `build_backbone`.
         stem_relu: Restore the ReLU after the ResNet stem (reference: False).
         neck_relu: Apply a ReLU after the BN neck, as the paper describes (reference: False).
+        bn_groups: G of ghost BatchNorm (1: ordinary BatchNorm over the whole batch).
 
     Attributes:
         feat_dim: D, the feature dimension (2048 for resnet50, 1280 for mobilenet_v2, 256 for tiny).
@@ -54,10 +60,18 @@ class ReidNet(nn.Module):
         last_stride: int = 1,
         stem_relu: bool = False,
         neck_relu: bool = False,
+        bn_groups: int = 1,
     ) -> None:
         super().__init__()
         _check_num_classes(num_classes)
         self.arch = arch
+        # The constructor's options, stored in checkpoints so inference can rebuild the network.
+        self.options = {
+            "last_stride": last_stride,
+            "stem_relu": stem_relu,
+            "neck_relu": neck_relu,
+            "bn_groups": bn_groups,
+        }
         self.backbone = build_backbone(
             arch, pretrained=pretrained, last_stride=last_stride, stem_relu=stem_relu
         )
@@ -70,6 +84,8 @@ class ReidNet(nn.Module):
         self.neck_relu = neck_relu
         self.num_classes = num_classes
         self.classifier = _new_classifier(self.feat_dim, num_classes, self.neck.weight)
+        if bn_groups > 1:
+            convert_ghost_batchnorm(self, bn_groups)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Pooled and BN-neck features.
@@ -92,14 +108,6 @@ class ReidNet(nn.Module):
         if not self.training:
             return F.normalize(bn, dim=1)
         return ReidOutput(pooled=pooled, bn=bn, logits=self.classifier(bn))
-
-    def embed(self, x: Tensor) -> Tensor:
-        """[B, D] L2-normalised BN-neck features, in whatever mode the network is in.
-
-        In train mode the BN neck uses batch statistics (and updates its running ones), as the
-        reference's Dual-Refinement trainer does for its triplet and spread-out features.
-        """
-        return F.normalize(self.forward_features(x)[1], dim=1)
 
     def reset_classifier(self, num_classes: int, weight: Tensor | None = None) -> None:
         """Replace the classifier by a new bias-free one with `num_classes` outputs.
@@ -167,3 +175,54 @@ def _new_classifier(feat_dim: int, num_classes: int, like: Tensor) -> nn.Linear:
     classifier = nn.Linear(feat_dim, num_classes, bias=False, device=like.device, dtype=like.dtype)
     nn.init.normal_(classifier.weight, std=0.001)
     return classifier
+
+
+class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose train-mode statistics come from `groups` equal consecutive chunks of the batch.
+
+    Equal to `groups`-GPU `nn.DataParallel` (each replica normalises its own shard). The running
+    statistics are updated from the first chunk only, as DataParallel's first replica does. Same
+    parameters, buffers and state-dict keys as the BatchNorm it replaces; eval mode is unchanged.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, groups: int) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.groups = groups
+        self._dims = 2 if isinstance(bn, nn.BatchNorm1d) else 4
+        self.load_state_dict(bn.state_dict())
+        if bn.affine:
+            self.weight.requires_grad_(bn.weight.requires_grad)
+            self.bias.requires_grad_(bn.bias.requires_grad)
+        self.to(device=bn.weight.device if bn.affine else None)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != self._dims:
+            raise ValueError(f"expected {self._dims}-D input to ghost BatchNorm, got {input.dim()}-D")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or self.groups == 1:
+            return super().forward(input)
+        if input.shape[0] % self.groups:
+            raise ValueError(
+                f"batch of {input.shape[0]} images cannot be split into model.bn_groups={self.groups} "
+                "equal chunks; expected a batch size divisible by it"
+            )
+        chunks = input.chunk(self.groups, dim=0)
+        out = [super().forward(chunks[0])]  # updates the running statistics
+        for chunk in chunks[1:]:
+            out.append(
+                F.batch_norm(chunk, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            )
+        return torch.cat(out, dim=0)
+
+
+def convert_ghost_batchnorm(module: nn.Module, groups: int) -> nn.Module:
+    """Replace every BatchNorm1d/2d inside `module` by a `GhostBatchNorm` over `groups` chunks, in place."""
+    if groups < 1:
+        raise ValueError(f"bn_groups={groups!r}; expected >= 1")
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm1d | nn.BatchNorm2d):
+            setattr(module, name, GhostBatchNorm(child, groups))
+        else:
+            convert_ghost_batchnorm(child, groups)
+    return module

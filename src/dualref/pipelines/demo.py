@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualref import adaptation, report, source_training
+from dualref import io, report
 from dualref.config import (
     AdaptConfig,
     ClusteringConfig,
@@ -36,6 +36,7 @@ from dualref.config import (
     RunConfig,
 )
 from dualref.data import synthetic
+from dualref.pipelines import adapt, pretrain
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def run_demo(
 
     step_start = time.perf_counter()
     _step(2, f"source training on synth_a ({plan.source_epochs} epochs x {plan.source_iters} iterations)")
-    source_dir = source_training.pretrain_on_source(
+    source_dir = pretrain.pretrain_on_source(
         _pretrain_config(plan, source_root, target_root, out / "source", run)
     )
     source_seconds = time.perf_counter() - step_start
@@ -172,7 +173,7 @@ def run_demo(
         _step(number, f"adapting to synth_b: {title} ({sizes})")
         step_start = time.perf_counter()
         cfg = _adapt_config(plan, target_root, source_dir / "checkpoint.pt", out / name, run, name)
-        runs[name] = adaptation.adapt_to_target(cfg)
+        runs[name] = adapt.adapt_to_target(cfg)
         seconds[name] = time.perf_counter() - step_start
 
     epochs = {name: report.read_epochs(path) for name, path in runs.items()}
@@ -372,7 +373,7 @@ def _write_report(
             "",
             "Source `synth_a` (labelled) -> target `synth_b` (unlabelled), synthetic identities rendered by "
             "`dualref.data.synthetic` (the target with milder camera-to-camera variation than the stock "
-            "`synth_b`: see `dualref.demo.demo_target_config`); `tiny` network at "
+            "`synth_b`: see `dualref.pipelines.demo.demo_target_config`); `tiny` network at "
             f"{plan.height}x{plan.width}, batch {plan.batch_size}. Source training: {plan.source_epochs} "
             f"epochs x {plan.source_iters} iterations; each adaptation: {plan.adapt_epochs} epochs x "
             f"{plan.adapt_iters} iterations, R = {plan.num_subclusters}, rho = {plan.dbscan_rho}.",
@@ -395,4 +396,4 @@ def _write_report(
             "",
         ]
     )
-    report.write_text(out / REPORT_FILE, text)
+    io.write_text(out / REPORT_FILE, text)

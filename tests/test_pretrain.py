@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from dualref import checkpoint, cli, losses, source_training, training
+from dualref import checkpoint, cli, losses, training
 from dualref.config import PretrainConfig, load_config
 from dualref.data import synthetic
+from dualref.pipelines import pretrain
 
 
 @pytest.fixture(autouse=True)
@@ -139,15 +140,15 @@ def test_resume_continues_bit_identically(
         "evaluate_target=false",
     ]
     straight = load_config(PretrainConfig, None, overrides(domains, tmp_path / "straight", *extra))
-    source_training.pretrain_on_source(straight)
+    pretrain.pretrain_on_source(straight)
     first = load_config(
         PretrainConfig, None, overrides(domains, tmp_path / "split", *extra, "optim.epochs=1")
     )
-    source_training.pretrain_on_source(first)
+    pretrain.pretrain_on_source(first)
     after_one = checkpoint.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert after_one["epoch"] == 1
     # The resumed process gets the 2-epoch config; its run_dir is taken from `resume`.
-    source_training.pretrain_on_source(straight, resume=str(tmp_path / "split"))
+    pretrain.pretrain_on_source(straight, resume=str(tmp_path / "split"))
 
     a = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = checkpoint.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
@@ -178,7 +179,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     run_dir = tmp_path / "run"
     cfg = load_config(PretrainConfig, None, overrides(domains, run_dir, "run.eval_every=0"))
     with pytest.raises(training.NonFiniteLossError) as info:
-        source_training.pretrain_on_source(cfg)
+        pretrain.pretrain_on_source(cfg)
     message = str(info.value)
     assert "loss became nan at epoch 1 iteration 0" in message
     assert f"last good checkpoint is kept at {run_dir / 'checkpoint.pt'}" in message
@@ -195,5 +196,5 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 def test_unused_loss_settings_are_refused(domains: tuple[Path, Path], tmp_path: Path, setting: str) -> None:
     cfg = load_config(PretrainConfig, None, overrides(domains, tmp_path / "run", setting))
     with pytest.raises(ValueError, match=f"{setting.split('=')[0]}=.* is not supported"):
-        source_training.pretrain_on_source(cfg)
+        pretrain.pretrain_on_source(cfg)
     assert not (tmp_path / "run").exists()  # refused before any run folder is made

@@ -1,4 +1,4 @@
-"""`dualref cluster FEATURES.npy`: Jaccard distance -> DBSCAN -> hierarchical refinement on saved features.
+"""`dualref cluster FEATURES.npy`: the off-line stage (`dualref.pseudo_labels`) on saved features.
 
 Writes ``coarse_labels.npy`` (DBSCAN, -1 = outlier) and ``refined_labels.npy`` (every sample, outliers
 included) atomically, prints the time of every stage and, given ground-truth ``--pids``, the quality of the
@@ -7,18 +7,18 @@ labels (pids are only read for that table).
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
+import functools
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from dualref import clustering, distances, label_quality, refinement, training
+from dualref import io, label_quality, pseudo_labels
+from dualref.config import ClusteringConfig
 
-__all__ = ["load_features", "run"]
+__all__ = ["load_features", "run_cluster"]
 
 # Rows whose norm is further than this from 1 are taken as "not L2-normalised" (float32 rounding is ~1e-7).
 UNIT_NORM_TOLERANCE = 1e-3
@@ -63,16 +63,8 @@ def _load_pids(path: Path, num_samples: int) -> np.ndarray:
     return pids
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_array(handle: BinaryIO, *, array: np.ndarray) -> None:
+    np.save(handle, array)
 
 
 def _quality_table(rows: list[tuple[str, np.ndarray]], pids: np.ndarray) -> str:
@@ -89,48 +81,55 @@ def _quality_table(rows: list[tuple[str, np.ndarray]], pids: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the `dualref cluster` command (arguments: see ``cli.build_parser``); returns the exit status."""
-    features_path = Path(args.features)
-    out = Path(args.out) if args.out is not None else features_path.parent
-    device = training.resolve_device(args.device, key="--device")
-    timings: list[tuple[str, float]] = []
+def run_cluster(
+    features_path: Path,
+    *,
+    settings: ClusteringConfig,
+    pids_path: Path | None = None,
+    out: Path | None = None,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> int:
+    """`dualref cluster`: the off-line stage on saved features, with timings; returns the exit status.
 
+    Args:
+        features_path: [N, D] float .npy file.
+        settings: `clustering.*` (k1, k2, rho or a fixed eps, the eps cap, min_samples, R).
+        pids_path: [N] int .npy of ground-truth ids, for the quality table only.
+        out: folder of the label files (default: beside the features).
+        seed: seed of the k-means restarts.
+        device: device of the neighbour search and the k-means (default: CPU).
+    """
+    device = device if device is not None else torch.device("cpu")
+    out = out if out is not None else features_path.parent
+    timings: list[tuple[str, float]] = []
     start = time.perf_counter()
     features_np, renormalised = load_features(features_path)
-    pids = _load_pids(Path(args.pids), features_np.shape[0]) if args.pids is not None else None
+    pids = _load_pids(pids_path, features_np.shape[0]) if pids_path is not None else None
     features = torch.from_numpy(features_np).to(device)
     timings.append(("load", time.perf_counter() - start))
     print(f"features: {features_path} [{features_np.shape[0]}, {features_np.shape[1]}]")
     if renormalised:
         print("note: feature rows were not unit-length; L2-normalised them")
 
-    start = time.perf_counter()
-    dist = distances.jaccard_distance(features, k1=args.k1, k2=args.k2, device=device)
-    timings.append((f"jaccard (k1={args.k1}, k2={args.k2})", time.perf_counter() - start))
-    print(f"jaccard: {dist.nnz} stored pairs ({dist.nnz / features_np.shape[0]:.1f} per row)")
-
-    start = time.perf_counter()
-    eps = args.eps if args.eps is not None else clustering.dbscan_eps(dist, rho=args.rho)
-    timings.append(("dbscan eps" if args.eps is None else "dbscan eps (given)", time.perf_counter() - start))
-    start = time.perf_counter()
-    coarse = clustering.cluster_dbscan(dist, eps=eps, min_samples=args.min_samples)
-    timings.append((f"dbscan (min_samples={args.min_samples})", time.perf_counter() - start))
-    num_clusters = int(coarse.max(initial=-1)) + 1
-    print(f"dbscan: eps {eps:.6f}, {num_clusters} clusters, {int((coarse == -1).sum())} outliers")
-
-    start = time.perf_counter()
-    if num_clusters > 0:
-        refined = refinement.refine_labels(features, coarse, args.num_subclusters, seed=args.seed)
-    else:
+    labels = pseudo_labels.compute_pseudo_labels(
+        features, settings, eps=None, refine=True, seed=seed, device=device
+    )
+    timings.append((f"jaccard (k1={settings.k1}, k2={settings.k2})", labels.seconds["jaccard"]))
+    timings.append((f"dbscan (min_samples={settings.min_samples})", labels.seconds["dbscan"]))
+    coarse = labels.coarse
+    print(
+        f"dbscan: eps {labels.eps:.6f}, {labels.num_clusters} clusters, {int((coarse == -1).sum())} outliers"
+    )
+    refined = labels.refined
+    if refined is None:
         print("note: no cluster found; refined labels are the coarse labels (all outliers)")
         refined = coarse.copy()
-    timings.append((f"refinement (R={args.num_subclusters})", time.perf_counter() - start))
+    timings.append((f"refinement (R={settings.num_subclusters})", labels.seconds.get("refine", 0.0)))
 
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    _save_npy(out / "coarse_labels.npy", coarse)
-    _save_npy(out / "refined_labels.npy", refined)
+    for name, array in (("coarse_labels.npy", coarse), ("refined_labels.npy", refined)):
+        io.write_bytes(out / name, functools.partial(_save_array, array=array))
     timings.append(("write labels", time.perf_counter() - start))
     print(f"wrote {out / 'coarse_labels.npy'} and {out / 'refined_labels.npy'}")
 
@@ -143,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
         trained = np.where(coarse >= 0, refined, -1)
         rows = [
             ("coarse (DBSCAN)", coarse),
-            (f"refined R={args.num_subclusters} (outliers -1)", trained),
-            (f"refined R={args.num_subclusters} (all samples)", refined),
+            (f"refined R={settings.num_subclusters} (outliers -1)", trained),
+            (f"refined R={settings.num_subclusters} (all samples)", refined),
         ]
         print("\nlabel quality vs. ground-truth pids (outliers are singletons):")
         print(_quality_table(rows, pids))

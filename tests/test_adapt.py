@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dualref import adaptation
+from dualref import steps
 from dualref.checkpoint import load_checkpoint
-from dualref.config import AdaptConfig, load_config
+from dualref.config import AdaptConfig, LossConfig, load_config
 from dualref.data import datasets, synthetic
 from dualref.data.records import ReidSplits, Sample
-from dualref.losses import LossWeights
 from dualref.memory_bank import InstantMemoryBank, MomentumMemoryBank
 from dualref.models.reid_net import ReidNet
+from dualref.pipelines import adapt
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,7 +83,7 @@ def _assert_same_state(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def straight_run(target_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "straight"
-    return adaptation.adapt_to_target(_config(target_root, run_dir))
+    return adapt.adapt_to_target(_config(target_root, run_dir))
 
 
 def test_smoke_run_writes_every_file_with_finite_losses(straight_run: Path) -> None:
@@ -124,7 +124,7 @@ def test_training_never_reads_target_pids(
         return dataclasses.replace(splits, train=train)
 
     monkeypatch.setattr(datasets, "load_dataset", garbage_train_pids)
-    leaked = adaptation.adapt_to_target(_config(target_root, tmp_path / "garbage"))
+    leaked = adapt.adapt_to_target(_config(target_root, tmp_path / "garbage"))
     _assert_same_state(straight_run, leaked)
     # ...while the monitoring, which must read them, does see different pids.
     honest = [r["coarse_fscore"] for r in _records(straight_run, "adapt")]
@@ -138,8 +138,8 @@ def test_resume_is_bit_identical_to_a_straight_run(
     straight_run: Path, target_root: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "interrupted"
-    adaptation.adapt_to_target(_config(target_root, run_dir, "optim.epochs=1"))
-    adaptation.adapt_to_target(_config(target_root, run_dir), resume=run_dir)
+    adapt.adapt_to_target(_config(target_root, run_dir, "optim.epochs=1"))
+    adapt.adapt_to_target(_config(target_root, run_dir), resume=run_dir)
     _assert_same_state(straight_run, run_dir)
     resumed = _records(run_dir, "adapt")
     straight = _records(straight_run, "adapt")
@@ -151,16 +151,16 @@ def test_resume_carries_adam_state_when_not_reset_each_epoch(target_root: Path, 
     # eval_every 0: the straight run evaluates only at the end, the interrupted one also after epoch 1;
     # the result must not depend on it.
     extra = ("optim.reset_each_epoch=false", "optim.iters_per_epoch=2", "run.eval_every=0")
-    straight = adaptation.adapt_to_target(_config(target_root, tmp_path / "straight", *extra))
+    straight = adapt.adapt_to_target(_config(target_root, tmp_path / "straight", *extra))
     run_dir = tmp_path / "interrupted"
-    adaptation.adapt_to_target(_config(target_root, run_dir, *extra, "optim.epochs=1"))
+    adapt.adapt_to_target(_config(target_root, run_dir, *extra, "optim.epochs=1"))
     assert load_checkpoint(run_dir / "checkpoint.pt")["optimizer"] is not None
-    adaptation.adapt_to_target(_config(target_root, run_dir, *extra), resume=run_dir)
+    adapt.adapt_to_target(_config(target_root, run_dir, *extra), resume=run_dir)
     _assert_same_state(straight, run_dir)
 
 
 def test_fixed_dbscan_eps_replaces_the_rho_rule(target_root: Path, tmp_path: Path) -> None:
-    run_dir = adaptation.adapt_to_target(
+    run_dir = adapt.adapt_to_target(
         _config(target_root, tmp_path / "fixed", "clustering.dbscan_eps=0.37", "optim.epochs=1")
     )
     assert [r["eps"] for r in _records(run_dir, "adapt")] == [0.37]
@@ -168,7 +168,7 @@ def test_fixed_dbscan_eps_replaces_the_rho_rule(target_root: Path, tmp_path: Pat
 
 
 def test_zero_epochs_is_direct_transfer(target_root: Path, tmp_path: Path) -> None:
-    run_dir = adaptation.adapt_to_target(_config(target_root, tmp_path / "dt", "optim.epochs=0"))
+    run_dir = adapt.adapt_to_target(_config(target_root, tmp_path / "dt", "optim.epochs=0"))
     assert _records(run_dir, "adapt") == []
     (record,) = _records(run_dir, "eval_target")
     assert record["epoch"] == 0 and 0.0 <= record["mAP"] <= 1.0  # type: ignore[operator]
@@ -216,21 +216,23 @@ def test_train_target_epoch_variants(
     before = memory.bank().detach().clone() if memory is not None else None
     params = list(model.parameters()) + ([memory.weight] if isinstance(memory, InstantMemoryBank) else [])
     optimizer = torch.optim.Adam([p for p in params if p.requires_grad], lr=1e-3)
-    settings = adaptation.TargetLossSettings(
-        weights=LossWeights(ce_weight=0.5, refined_weight=alpha, memory_weight=mu),
+    settings = LossConfig(
+        ce_weight=0.5,
+        refined_weight=alpha,
+        spread_weight=mu,
         triplet_feature=triplet_feature,
         memory_loss=memory_loss,
         spread_num_neighbors=2,
         invariance_num_neighbors=2,
     )
     refined = torch.arange(num_samples) % 4
-    stats = adaptation.train_target_epoch(
+    stats = steps.train_target_epoch(
         model,
         _batches(3, num_samples),
         optimizer,
         refined,
         memory=memory,
-        settings=settings,
+        loss=settings,
         device=torch.device("cpu"),
         progress=False,
     )
@@ -245,8 +247,8 @@ def test_train_target_epoch_variants(
 
 def test_scale_bank_gradient() -> None:
     bank = torch.nn.Parameter(torch.zeros(3, 2))
-    adaptation.scale_bank_gradient(bank, 2.0)  # no gradient yet: nothing happens
+    steps.scale_bank_gradient(bank, 2.0)  # no gradient yet: nothing happens
     assert bank.grad is None
     (bank * torch.tensor([1.0, 3.0])).sum().backward()
-    adaptation.scale_bank_gradient(bank, 2.0)
+    steps.scale_bank_gradient(bank, 2.0)
     assert torch.equal(bank.grad, torch.tensor([[2.0, 6.0]] * 3))  # type: ignore[arg-type]

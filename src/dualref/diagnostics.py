@@ -1,0 +1,113 @@
+"""Training diagnostics: what a researcher reads when adaptation does not work (docs/study.md).
+
+Cheap enough to stay on. Label-free figures may be logged at any time; the two functions that read target
+ground truth (`neighbour_precision`) say so and are called by the pipeline's monitoring only, never by
+training code.
+
+- `gradient_norms`: each weighted loss term's gradient norm at the trunk's output (the pooled feature)
+  and its share of their sum: which term drives the network.
+- `bank_drift`: how far the instant memory bank moved from its initial rows, and its row norms.
+- `neighbour_precision` (MONITORING ONLY): the share of the k nearest bank entries of each feature that
+  hold its identity: the precision of the spread-out loss's positives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gradient_norms(weighted_terms: Mapping[str, Tensor], at: Tensor) -> dict[str, float]:
+    """Norm of each term's gradient with respect to `at`, and each term's share of their sum.
+
+    Uses `torch.autograd.grad` with the graph retained: nothing accumulates into `.grad`, no random
+    number is drawn, so the training step that follows is unchanged.
+
+    Args:
+        weighted_terms: name -> scalar term, already multiplied by its coefficient in the objective
+            (a switched-off term may be a constant without gradient).
+        at: the tensor the norms are measured at, e.g. the [B, D] pooled trunk feature.
+
+    Returns:
+        ``grad_<name>`` (Frobenius norm of d term / d at) and ``grad_share_<name>`` (norm / sum of the
+        norms; 0 when every norm is 0) for every term.
+    """
+    norms: dict[str, float] = {}
+    for name, term in weighted_terms.items():
+        if not term.requires_grad:
+            norms[name] = 0.0
+            continue
+        (grad,) = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
+        norms[name] = 0.0 if grad is None else float(grad.float().norm())
+    total = sum(norms.values())
+    record = {f"grad_{name}": value for name, value in norms.items()}
+    record.update(
+        {f"grad_share_{name}": value / total if total > 0 else 0.0 for name, value in norms.items()}
+    )
+    return record
+
+
+@torch.no_grad()
+def bank_drift(bank: Tensor, initial: Tensor) -> dict[str, float]:
+    """How far the bank rows moved since they were (re)initialised.
+
+    Args:
+        bank: [N, D] raw bank rows now.
+        initial: [N, D] the rows right after initialisation (unit rows).
+
+    Returns:
+        ``bank_cosine_to_initial`` (mean over rows of cos(row, initial row)) and ``bank_row_norm``
+        (mean row norm: the loss normalises rows, so the norm only measures how far weight decay and
+        the updates pulled them).
+    """
+    cosine = F.cosine_similarity(bank.float(), initial.float().to(bank.device), dim=1)
+    return {
+        "bank_cosine_to_initial": float(cosine.mean()),
+        "bank_row_norm": float(bank.float().norm(dim=1).mean()),
+    }
+
+
+@torch.no_grad()
+def nearest_bank_entries(features: Tensor, bank: Tensor, k: int, *, chunk_size: int = 1024) -> Tensor:
+    """Indices of the k most similar bank rows of every feature row (self excluded by index).
+
+    Args:
+        features: [N, D] L2-normalised features in dataset order (row i = bank row i's image).
+        bank: [N, D] raw bank rows (normalised here).
+        k: neighbours per row, 1 <= k < N.
+        chunk_size: feature rows per similarity block ([chunk, N] floats at a time).
+
+    Returns:
+        [N, k] int64 bank indices, most similar first.
+    """
+    num_rows = features.shape[0]
+    if bank.shape[0] != num_rows or not 1 <= k < num_rows:
+        raise ValueError(
+            f"features {tuple(features.shape)}, bank {tuple(bank.shape)}, k={k}: expected N == N, 1 <= k < N"
+        )
+    unit = F.normalize(bank.float(), dim=1)
+    out = torch.empty(num_rows, k, dtype=torch.int64)
+    for start in range(0, num_rows, chunk_size):
+        sim = features[start : start + chunk_size].float().to(unit.device) @ unit.T  # [c, N]
+        rows = torch.arange(start, start + sim.shape[0], device=sim.device)
+        sim[torch.arange(sim.shape[0], device=sim.device), rows] = float("-inf")  # self is not a neighbour
+        out[start : start + sim.shape[0]] = sim.topk(k, dim=1).indices.cpu()
+    return out
+
+
+def neighbour_precision(neighbours: np.ndarray | Tensor, pids: np.ndarray) -> float:
+    """MONITORING ONLY: mean share of each row's neighbours that have its ground-truth identity.
+
+    Args:
+        neighbours: [N, k] indices into the same N samples.
+        pids: [N] ground-truth identities of the target training images.
+
+    Returns:
+        The mean over rows and neighbours of ``pids[neighbour] == pids[row]``.
+    """
+    neighbours = np.asarray(neighbours)
+    return float((pids[neighbours] == pids[:, None]).mean())

@@ -1,0 +1,395 @@
+"""Dual-Refinement adaptation to the unlabelled target domain (`dualref adapt`).
+
+The alternating loop of the paper's Algorithm 1 as the reference code runs it (docs/method.md §3-5).
+Every epoch, off-line (`pseudo_labels`): extract the target features, k-reciprocal Jaccard distance, DBSCAN
+(eps fixed at epoch 0) -> coarse labels, hierarchical refinement -> refined labels; classifier rows <-
+cluster centroids. On-line (`steps.train_target_epoch`): P x K batches over the coarse labels, the joint
+objective, a fresh Adam over the network and the instant memory bank. Every ablation of the paper's Tables
+II and III is a config (configs/*/): baseline (alpha = mu = 0), only LR (mu = 0), only IM-SP (alpha = 0).
+
+Target ground truth: training sees the target training images through `TargetImages` (paths and cameras
+only). The target `pid`s are read in exactly two places, both for measurement: `_monitoring_pids` (label
+and bank-neighbour precision, paper Fig. 3) and the `Evaluator` (query/gallery mAP and CMC).
+
+Run folder (`dualref.runs`): config.yaml, run.log, metrics.jsonl with one "adapt" record per epoch (eps,
+cluster profile, loss terms, gradient shares, bank drift, seconds per stage, label quality) and an
+"eval_target" record per evaluation, checkpoint.pt (exact resume), and at the end plots + summary.md
+(`dualref.report`). Records use `epoch` = number of adaptation epochs completed (0 = direct transfer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dualref import (
+    checkpoint,
+    clustering,
+    diagnostics,
+    extraction,
+    pseudo_labels,
+    report,
+    runs,
+    seeding,
+    steps,
+    training,
+)
+from dualref.config import AdaptConfig
+from dualref.data import loaders
+from dualref.data.records import Sample
+from dualref.memory_bank import InstantMemoryBank, MemoryBank, build_memory_bank
+from dualref.models.reid_net import ReidNet, load_trunk_and_neck
+from dualref.pipelines import common
+from dualref.timing import timed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetImages:
+    """All that training may know of the target training split: files and cameras, in dataset order."""
+
+    paths: list[Path]
+    camids: list[int]
+
+
+def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Path:
+    """Run (or resume) the Dual-Refinement adaptation described by `cfg`.
+
+    Args:
+        cfg: the resolved adaptation config. `optim.epochs = 0` evaluates the starting model only
+            (direct transfer).
+        resume: a run folder to continue from its checkpoint.pt (None: a fresh run in `run.run_dir`).
+
+    Returns:
+        The run folder.
+    """
+    device, amp_dtype = common.start_process(cfg.run)
+    cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
+    with runs.open_run(common.run_folder(cfg.run, resume), cfg, resume=resume is not None) as run:
+        target = common.load_splits(
+            cfg.data.target, cfg.data.target_root, skip_unreadable=cfg.data.skip_unreadable
+        )
+        if not target.train:
+            raise ValueError(f"target data set {cfg.data.target_root!r} has no training images")
+        log.info(
+            "target %s: %d training images (unlabelled use), %d query, %d gallery",
+            target.name,
+            len(target.train),
+            len(target.query),
+            len(target.gallery),
+        )
+        images = TargetImages(paths=[s.path for s in target.train], camids=[s.camid for s in target.train])
+        monitor_pids = _monitoring_pids(target.train)
+        model = _build_model(cfg, device)
+        test = common.evaluator(target, cfg.data, cfg.run, device)
+        if cfg.optim.epochs == 0:  # direct transfer: evaluate the starting model only
+            _evaluate_logged(run, test, model, epoch=0)
+            report.write_report(run.path)
+            return run.path
+        cluster_loader = common.test_loader(images.paths, cfg.data, device)
+        memory = None
+        if cfg.loss.spread_weight > 0:
+            memory = build_memory_bank(
+                cfg.loss.memory, len(images.paths), model.feat_dim, cfg.loss.memory_momentum
+            )
+            memory = memory.to(device) if memory is not None else None
+        state = _restore(run.checkpoint_path, model, memory, device) if resume is not None else None
+        eps = state.eps if state else None  # None: derived from clustering.* at epoch 0, then fixed
+        optimizer = state.optimizer if state else None
+        bank_start = state.bank_start if state else None  # rows at the bank's last (re)initialisation
+        for epoch in range(state.epoch if state else 0, cfg.optim.epochs):
+            seconds: dict[str, float] = {}
+            with timed(seconds, "extract"):
+                features = extraction.extract_features(  # [N, D] with the current model
+                    model, cluster_loader, device, progress=cfg.run.progress, amp_dtype=amp_dtype
+                )
+            labels = pseudo_labels.compute_pseudo_labels(
+                features,
+                cfg.clustering,
+                eps=eps,
+                refine=cfg.loss.refined_weight > 0,
+                seed=cfg.run.seed,
+                device=cluster_device,
+            )
+            seconds.update(labels.seconds)
+            _check_clusters(labels, epoch, fixed_eps=cfg.clustering.dbscan_eps is not None)
+            eps = labels.eps
+            if memory is not None and (epoch == 0 or cfg.loss.bank_refresh):
+                memory.init_from(features)  # the reference: once, from the source model's features
+                bank_start = memory.bank().detach().clone() if isinstance(memory, InstantMemoryBank) else None
+            monitoring = _monitoring_record(
+                labels, features, memory, monitor_pids, cfg.loss.spread_num_neighbors
+            )
+            centroids = clustering.cluster_centroids(features, labels.coarse, labels.num_clusters)
+            model.reset_classifier(labels.num_clusters, centroids.to(device))
+            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch=epoch)
+            lr = common.epoch_lr(cfg.optim, epoch)
+            optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
+            mu = cfg.loss.spread_weight_at(epoch)
+            with timed(seconds, "train"), common.naming_checkpoint(run.checkpoint_path):
+                stats = steps.train_target_epoch(
+                    model,
+                    loader,
+                    optimizer,
+                    torch.as_tensor(labels.refined_or_coarse(), device=device),
+                    memory=memory,
+                    loss=cfg.loss,
+                    device=device,
+                    spread_weight=mu,
+                    amp_dtype=amp_dtype,
+                    channels_last=cfg.run.channels_last,
+                    progress=cfg.run.progress,
+                    epoch=epoch,
+                    diagnostics_every=cfg.run.diagnostics_every,
+                )
+            record = {
+                **pseudo_labels.label_record(labels, num_instances=cfg.data.num_instances),
+                "lr": lr,
+                "spread_weight": mu,
+                **{f"loss_{name}": value for name, value in stats.means.items()},
+                **(
+                    diagnostics.bank_drift(memory.bank(), bank_start)
+                    if bank_start is not None and memory
+                    else {}
+                ),
+                **{f"seconds_{name}": round(value, 3) for name, value in seconds.items()},
+                **monitoring,
+            }
+            run.log_metrics(epoch + 1, record, kind="adapt")
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs, _epoch_summary(record))
+            rng = seeding.rng_state()
+            _save(
+                run.checkpoint_path,
+                cfg,
+                model,
+                memory,
+                optimizer,
+                eps=eps,
+                epoch=epoch + 1,
+                rng=rng,
+                bank_start=bank_start,
+            )
+            if common.evaluation_due(cfg.run, epoch + 1, cfg.optim.epochs):
+                _evaluate_logged(run, test, model, epoch=epoch + 1)
+            seeding.set_rng_state(rng)  # evaluation must not change what the next epoch draws
+        report.write_report(run.path)
+        return run.path
+
+
+def _evaluate_logged(run: runs.Run, test: Any, model: ReidNet, *, epoch: int) -> None:
+    record = common.evaluate(test, model)
+    run.log_metrics(epoch, record, kind="eval_target")
+    log.info(
+        "epoch %d target: mAP %.1f%% R1 %.1f%% mINP %.1f%%",
+        epoch,
+        100 * record["mAP"],
+        100 * record["rank1"],
+        100 * record["mINP"],
+    )
+
+
+def _monitoring_pids(samples: Sequence[Sample]) -> np.ndarray | None:
+    """MONITORING ONLY: target ground-truth ids for the quality records (None if unknown)."""
+    pids = np.array([s.pid for s in samples], dtype=np.int64)
+    return pids if (pids >= 0).all() else None
+
+
+def _monitoring_record(
+    labels: pseudo_labels.PseudoLabels,
+    features: Tensor,
+    memory: MemoryBank | None,
+    pids: np.ndarray | None,
+    k: int,
+) -> dict[str, float]:
+    """MONITORING ONLY: label quality, and the precision of the spread-out loss's k positives."""
+    record = pseudo_labels.label_quality_record(labels, pids)
+    if pids is not None and memory is not None and 1 <= k < len(pids):
+        neighbours = diagnostics.nearest_bank_entries(features, memory.bank().detach(), k)
+        record["bank_neighbour_precision"] = diagnostics.neighbour_precision(neighbours, pids)
+    return record
+
+
+def _check_clusters(labels: pseudo_labels.PseudoLabels, epoch: int, *, fixed_eps: bool) -> None:
+    if labels.num_clusters < 1:
+        key = "raise clustering.dbscan_eps" if fixed_eps else "raise clustering.dbscan_rho"
+        raise ValueError(
+            f"DBSCAN found no cluster at epoch {epoch} (all {labels.coarse.size} images are outliers at eps "
+            f"{labels.eps:.4f}); expected at least one: {key} or lower clustering.min_samples"
+        )
+
+
+def _epoch_summary(record: dict[str, Any]) -> str:
+    parts = [
+        f"eps {record['eps']:.4f}",
+        f"clusters {record['num_clusters']}",
+        f"outliers {record['num_outliers']}",
+        f"largest {record['largest_cluster_share']:.3f}",
+        f"loss {record['loss_total']:.3f}",
+    ]
+    parts += [
+        f"F {name} {record[f'{name}_fscore']:.3f}"
+        for name in ("coarse", "refined")
+        if f"{name}_fscore" in record
+    ]
+    stages = ", ".join(f"{k[8:]} {v:.0f}s" for k, v in record.items() if k.startswith("seconds_"))
+    return " | ".join([*parts, stages])
+
+
+def _build_model(cfg: AdaptConfig, device: torch.device) -> ReidNet:
+    """The network to adapt: the source checkpoint's trunk and neck (its classifier is dropped)."""
+    if cfg.source_checkpoint is None:
+        log.warning("no source_checkpoint: adapting from model.pretrained=%s", cfg.model.pretrained)
+    pretrained = cfg.model.pretrained if cfg.source_checkpoint is None else None
+    # One class for now: resized to the number of clusters every epoch.
+    model = common.build_model(
+        cfg.model, 1, pretrained=pretrained, device=torch.device("cpu"), channels_last=False
+    )
+    if cfg.source_checkpoint is not None:
+        source = checkpoint.load_checkpoint(cfg.source_checkpoint)
+        if source.get("arch", cfg.model.arch) != cfg.model.arch:
+            raise ValueError(
+                f"source checkpoint {cfg.source_checkpoint} holds arch {source['arch']!r} but "
+                f"model.arch={cfg.model.arch!r}; set model.arch={source['arch']}"
+            )
+        load_trunk_and_neck(model, source["model"])
+        log.info("started from source checkpoint %s", cfg.source_checkpoint)
+    model = model.to(device)
+    if cfg.run.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _train_loader(
+    images: TargetImages,
+    coarse: np.ndarray,
+    cfg: AdaptConfig,
+    cluster_loader: Any,
+    device: torch.device,
+    *,
+    epoch: int,
+) -> Any:
+    """P x K batches over the coarse labels (outliers, -1, never sampled); order set by (seed, epoch)."""
+    data = cfg.data
+    loader = loaders.train_loader(
+        images.paths,
+        coarse.tolist(),
+        images.camids,
+        height=data.height,
+        width=data.width,
+        batch_size=data.batch_size,
+        num_instances=data.num_instances,
+        num_iterations=cfg.optim.iters_per_epoch,
+        seed=cfg.run.seed,
+        random_erasing_prob=data.random_erasing_prob,
+        num_workers=data.num_workers,
+        cache=False,
+        pin_memory=device.type == "cuda",
+    )
+    # The extraction loader already decoded every image once (data.cache_images): share its pixels
+    # rather than decoding the whole set again for each epoch's new loader.
+    cached = getattr(cluster_loader.dataset, "pixels", None)
+    if cached is not None and isinstance(loader.dataset, loaders.ImageDataset):
+        loader.dataset.pixels = cached
+    loaders.set_epoch(loader, epoch)
+    return loader
+
+
+def _trainable(model: ReidNet, memory: MemoryBank | None) -> list[torch.nn.Parameter]:
+    params = list(model.parameters())
+    if isinstance(memory, InstantMemoryBank):
+        params.append(memory.weight)
+    return params
+
+
+def _build_optimizer(
+    model: ReidNet,
+    memory: MemoryBank | None,
+    lr: float,
+    cfg: AdaptConfig,
+    *,
+    previous: torch.optim.Optimizer | None,
+) -> torch.optim.Adam:
+    """Adam over the network and the instant bank: new every epoch (reference) or carrying its state.
+
+    With `optim.reset_each_epoch=False` the moments of every parameter that survives the epoch change
+    (all but the re-created classifier) are carried over.
+    """
+    optimizer = training.build_adam(_trainable(model, memory), lr=lr, weight_decay=cfg.optim.weight_decay)
+    if previous is not None and not cfg.optim.reset_each_epoch:
+        kept = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for param, param_state in previous.state.items():
+            if id(param) in kept:
+                optimizer.state[param] = param_state
+    return optimizer
+
+
+class _ResumeState(NamedTuple):
+    epoch: int  # epochs completed
+    eps: float
+    optimizer: torch.optim.Optimizer | None  # only kept when optim.reset_each_epoch is False
+    bank_start: Tensor | None  # the instant bank's rows at its last (re)initialisation (drift diagnostic)
+
+
+def _save(
+    path: Path,
+    cfg: AdaptConfig,
+    model: ReidNet,
+    memory: MemoryBank | None,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    eps: float,
+    epoch: int,
+    rng: dict[str, Any],
+    bank_start: Tensor | None,
+) -> None:
+    # A fresh Adam each epoch (the default) needs no state; otherwise its moments must survive.
+    keep_optimizer = optimizer is not None and not cfg.optim.reset_each_epoch
+    state = common.checkpoint_state(
+        "adapt",
+        cfg,
+        model,
+        epoch=epoch,
+        rng=rng,
+        eps=eps,
+        memory=memory.state_dict() if memory is not None else None,
+        optimizer=optimizer.state_dict() if keep_optimizer and optimizer is not None else None,
+        bank_start=bank_start,
+    )
+    checkpoint.save_checkpoint(path, state)
+
+
+def _restore(
+    path: Path, model: ReidNet, memory: MemoryBank | None, device: torch.device
+) -> _ResumeState | None:
+    """Load a resumed run's state into `model` and `memory`; None when it stopped before any epoch ended."""
+    if not path.is_file():
+        log.warning("no checkpoint in %s yet: starting the adaptation from epoch 0", path.parent)
+        return None
+    state = checkpoint.load_checkpoint(path)
+    if state.get("kind") != "adapt":
+        raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint; expected an adaptation checkpoint")
+    model.reset_classifier(int(state["num_classes"]))
+    model.load_state_dict(state["model"])
+    model.to(device)
+    if (memory is None) != (state["memory"] is None):
+        raise ValueError(
+            f"{path}: memory bank presence differs from the config (loss.spread_weight, loss.memory)"
+        )
+    if memory is not None:
+        memory.load_state_dict(state["memory"])
+    optimizer = None
+    if state["optimizer"] is not None:
+        optimizer = training.build_adam(_trainable(model, memory), lr=0.0, weight_decay=0.0)
+        optimizer.load_state_dict(state["optimizer"])
+    seeding.set_rng_state(state["rng"])
+    log.info("resumed after epoch %d (eps %.4f)", state["epoch"], state["eps"])
+    bank_start = state.get("bank_start")
+    return _ResumeState(int(state["epoch"]), float(state["eps"]), optimizer, bank_start)

@@ -1,0 +1,162 @@
+"""Set-up shared by the pipelines: config -> data sets, model, loaders, evaluator, checkpoint state.
+
+Config objects stop here: everything these helpers build takes plain values or frozen sub-configs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dualref import inference, seeding, training
+from dualref.config import DataConfig, ModelConfig, OptimConfig, RunConfig, config_to_dict
+from dualref.data import datasets, loaders
+from dualref.data.records import ReidSplits
+from dualref.models.reid_net import ReidNet
+
+log = logging.getLogger("dualref")
+
+
+def start_process(run: RunConfig) -> tuple[torch.device, torch.dtype | None]:
+    """Seed every RNG, set the torch threads; the run's device and AMP dtype."""
+    seeding.seed_everything(run.seed)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    return training.resolve_device(run.device), training.AMP_DTYPES[run.amp]
+
+
+def run_folder(run: RunConfig, resume: str | Path | None) -> Path:
+    """The folder of a fresh run (`run.run_dir`) or of the run being resumed."""
+    return Path(resume) if resume is not None else Path(run.run_dir)
+
+
+def load_splits(name: str, root: str, *, skip_unreadable: bool) -> ReidSplits:
+    """A data set's splits; unreadable images dropped (and logged) when asked to."""
+    splits = datasets.load_dataset(name, root)
+    if not skip_unreadable:
+        return splits
+    return dataclasses.replace(
+        splits,
+        train=loaders.drop_unreadable(splits.train, log),
+        query=loaders.drop_unreadable(splits.query, log),
+        gallery=loaders.drop_unreadable(splits.gallery, log),
+    )
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    num_classes: int,
+    *,
+    pretrained: str | None,
+    device: torch.device,
+    channels_last: bool,
+) -> ReidNet:
+    """The re-ID network of `model.*` on `device` (channels-last on CUDA when asked)."""
+    model = ReidNet(
+        model_cfg.arch,
+        num_classes,
+        pretrained=pretrained,
+        last_stride=model_cfg.last_stride,
+        stem_relu=model_cfg.stem_relu,
+        neck_relu=model_cfg.neck_relu,
+        bn_groups=model_cfg.bn_groups,
+    ).to(device)
+    if channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def test_loader(paths: Sequence[Path], data: DataConfig, device: torch.device) -> Any:
+    """Eval-transform loader over `paths`, in order (extraction)."""
+    return loaders.test_loader(
+        paths,
+        height=data.height,
+        width=data.width,
+        batch_size=data.test_batch_size,
+        num_workers=data.num_workers,
+        cache=data.cache_images,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def evaluator(
+    splits: ReidSplits, data: DataConfig, run: RunConfig, device: torch.device
+) -> inference.Evaluator:
+    """The query/gallery evaluation of `splits` at the run's input size."""
+    return inference.Evaluator(
+        splits,
+        height=data.height,
+        width=data.width,
+        device=device,
+        batch_size=data.test_batch_size,
+        num_workers=data.num_workers,
+        cache=data.cache_images,
+        amp_dtype=training.AMP_DTYPES[run.amp],
+        progress=run.progress,
+    )
+
+
+def evaluate(evaluator: inference.Evaluator, model: nn.Module) -> dict[str, Any]:
+    """An evaluation record that leaves every RNG as it found it.
+
+    Evaluation draws no random numbers today; restoring the RNGs guarantees that the evaluation
+    cadence (run.eval_every) can never change the training that follows.
+    """
+    rng = seeding.rng_state()
+    record = evaluator.record(model)
+    seeding.set_rng_state(rng)
+    return record
+
+
+def evaluation_due(run: RunConfig, epochs_done: int, total_epochs: int) -> bool:
+    """Every `run.eval_every` epochs, and always after the last one (0 = only after the last)."""
+    every = run.eval_every
+    return epochs_done == total_epochs or (every > 0 and epochs_done % every == 0)
+
+
+def epoch_lr(optim: OptimConfig, epoch: int) -> float:
+    """The learning rate of a 0-based epoch under `optim.*`."""
+    return training.lr_at_epoch(
+        epoch,
+        base_lr=optim.lr,
+        schedule=optim.schedule,
+        warmup_epochs=optim.warmup_epochs,
+        warmup_factor=optim.warmup_factor,
+        milestones=optim.milestones,
+        lr_decay_epochs=optim.lr_decay_epochs,
+        gamma=optim.gamma,
+        reference_warmup_offset=optim.reference_warmup_offset,
+    )
+
+
+def checkpoint_state(
+    kind: str, cfg: Any, model: ReidNet, *, epoch: int, rng: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """A checkpoint's dict: what exact resume needs, and what inference needs to rebuild the model."""
+    return {
+        "kind": kind,
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "rng": rng,
+        "config": config_to_dict(cfg),
+        **inference.model_metadata(model, height=cfg.data.height, width=cfg.data.width),
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def naming_checkpoint(path: Path) -> Iterator[None]:
+    """A non-finite loss error names the last good checkpoint, when there is one."""
+    try:
+        yield
+    except training.NonFiniteLossError as err:
+        if path.is_file():
+            raise err.with_checkpoint(path) from None
+        raise

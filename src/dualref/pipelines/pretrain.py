@@ -1,0 +1,224 @@
+"""Supervised source training and direct transfer (`dualref pretrain`).
+
+The reference's pre-training (docs/method.md §2): a P x K loader on the labelled source, Adam with a
+warm-up / multi-step learning rate that is a pure function of the epoch, CE with label smoothing +
+soft-margin triplet, target batches forwarded to adapt the BatchNorm statistics, evaluation on the source
+test split and, at the end, on the target test split (the "direct transfer" row of the paper's Table II).
+The numbers reported are the LAST epoch's; the checkpoint with the best source mAP is kept as
+``model_best.pt`` (the reference's choice), labelled.
+
+Epoch numbers in metrics.jsonl and checkpoints count epochs *completed* (1..E).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from dualref import checkpoint, io, runs, seeding, steps, training
+from dualref.config import PretrainConfig
+from dualref.data import loaders
+from dualref.data.records import relabel_pids
+from dualref.pipelines import common
+
+RESULTS_FILE = "results.json"
+BEST_FILE = "model_best.pt"
+
+log = logging.getLogger(__name__)
+
+
+def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None) -> Path:
+    """Train on the labelled source, evaluate on its test split, then direct transfer to the target.
+
+    Args:
+        cfg: the resolved config.
+        resume: an earlier run folder to continue (its checkpoint.pt: model, optimizer, epoch, RNG
+            states). On CPU the continued run is bit-identical to an uninterrupted one.
+
+    Returns:
+        The run folder (config.yaml, run.log, metrics.jsonl, checkpoint.pt, model_best.pt, results.json).
+    """
+    _check_pretrain_loss(cfg)
+    started = time.perf_counter()
+    data = cfg.data
+    with runs.open_run(common.run_folder(cfg.run, resume), cfg, resume=resume is not None) as run:
+        device, amp_dtype = common.start_process(cfg.run)
+        source = common.load_splits(data.source, data.source_root, skip_unreadable=data.skip_unreadable)
+        target = None
+        if cfg.forward_target_batches or cfg.evaluate_target:
+            target = common.load_splits(data.target, data.target_root, skip_unreadable=data.skip_unreadable)
+        labels = relabel_pids(source.train)
+        log.info("source %s: %d images of %d identities", source.name, len(labels), max(labels) + 1)
+        model = common.build_model(
+            cfg.model,
+            max(labels) + 1,
+            pretrained=cfg.model.pretrained,
+            device=device,
+            channels_last=cfg.run.channels_last,
+        )
+        optimizer = training.build_adam(
+            model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        source_loader = loaders.train_loader(
+            [s.path for s in source.train],
+            labels,
+            [s.camid for s in source.train],
+            height=data.height,
+            width=data.width,
+            batch_size=data.batch_size,
+            num_instances=data.num_instances,
+            num_iterations=cfg.optim.iters_per_epoch,
+            seed=cfg.run.seed,
+            random_erasing_prob=data.random_erasing_prob,
+            num_workers=data.num_workers,
+            cache=data.cache_images,
+            pin_memory=device.type == "cuda",
+        )
+        target_loader = None
+        if cfg.forward_target_batches and target is not None:
+            # Target pids are never read here: only the images, for the BatchNorm statistics.
+            target_loader = loaders.random_loader(
+                [s.path for s in target.train],
+                height=data.height,
+                width=data.width,
+                batch_size=data.batch_size,
+                num_iterations=cfg.optim.iters_per_epoch,
+                seed=cfg.run.seed + 1,
+                num_workers=data.num_workers,
+                cache=data.cache_images,
+                pin_memory=device.type == "cuda",
+            )
+        start_epoch, best_map = 0, -1.0
+        if run.resumed and run.checkpoint_path.is_file():
+            start_epoch, best_map = _restore(run.checkpoint_path, model, optimizer)
+        source_test = common.evaluator(source, data, cfg.run, device)
+        source_record: dict[str, Any] | None = None
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            lr = common.epoch_lr(cfg.optim, epoch)
+            if cfg.optim.reset_each_epoch and epoch > 0:  # a fresh Adam, as the adaptation loop
+                optimizer = training.build_adam(
+                    model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay
+                )
+            training.set_lr(optimizer, lr)
+            loaders.set_epoch(source_loader, epoch)
+            target_iter = None
+            if target_loader is not None:
+                loaders.set_epoch(target_loader, epoch)
+                target_iter = iter(target_loader)
+            with common.naming_checkpoint(run.checkpoint_path):
+                stats = steps.train_source_epoch(
+                    model,
+                    source_loader,
+                    optimizer,
+                    device=device,
+                    label_smoothing=cfg.loss.label_smoothing,
+                    triplet_margin=cfg.loss.triplet_margin,
+                    target_loader_iter=target_iter,
+                    amp_dtype=amp_dtype,
+                    channels_last=cfg.run.channels_last,
+                    progress=cfg.run.progress,
+                    epoch=epoch,
+                )
+            done = epoch + 1
+            run.log_metrics(done, {"lr": lr, **stats.as_metrics()}, kind="train")
+            log.info(
+                "epoch %d/%d lr %.2e | ce %.3f | triplet %.3f | acc %.3f | %.1f img/s | %.0f s",
+                done,
+                cfg.optim.epochs,
+                lr,
+                stats.means["ce"],
+                stats.means["triplet"],
+                stats.means["accuracy"],
+                stats.images_per_second,
+                stats.seconds,
+            )
+            is_best = False
+            if common.evaluation_due(cfg.run, done, cfg.optim.epochs):
+                source_record = _evaluate_logged(run, source_test, model, done, "eval_source")
+                is_best = source_record["mAP"] > best_map
+                best_map = max(best_map, source_record["mAP"])
+            state = _state(cfg, model, optimizer, done, best_map, source.name)
+            checkpoint.save_checkpoint(run.checkpoint_path, state)
+            if is_best:
+                state["selected_by"] = f"best source test mAP ({source.name}), epoch {done}"
+                checkpoint.save_checkpoint(run.path / BEST_FILE, state)
+
+        done = max(start_epoch, cfg.optim.epochs)
+        if not run.checkpoint_path.is_file():  # 0 epochs: keep the initial model for `evaluate`
+            checkpoint.save_checkpoint(
+                run.checkpoint_path, _state(cfg, model, optimizer, 0, best_map, source.name)
+            )
+        if source_record is None:  # 0 epochs, or a finished run resumed
+            source_record = _evaluate_logged(run, source_test, model, done, "eval_source")
+        results: dict[str, Any] = {
+            "kind": "pretrain",
+            "reported": "last epoch (model_best.pt = best source mAP, for reference only)",
+            "epochs": done,
+            "source": source_record,
+        }
+        if cfg.evaluate_target and target is not None:
+            target_test = common.evaluator(target, data, cfg.run, device)
+            results["direct_transfer"] = _evaluate_logged(run, target_test, model, done, "direct_transfer")
+        results["wall_seconds"] = round(time.perf_counter() - started, 1)
+        io.write_json(run.path / RESULTS_FILE, results)
+        log.info("results written to %s", run.path / RESULTS_FILE)
+        return run.path
+
+
+def _evaluate_logged(run: runs.Run, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:
+    record = common.evaluate(test, model)
+    run.log_metrics(epoch, record, kind=kind)
+    log.info(
+        "%s on %s after epoch %d: mAP %.1f%% R1 %.1f%% mINP %.1f%%",
+        kind,
+        record["dataset"],
+        epoch,
+        100 * record["mAP"],
+        100 * record["rank1"],
+        100 * record["mINP"],
+    )
+    return record
+
+
+def _state(
+    cfg: PretrainConfig, model: Any, optimizer: Any, epoch: int, best_map: float, name: str
+) -> dict[str, Any]:
+    return common.checkpoint_state(
+        "pretrain",
+        cfg,
+        model,
+        epoch=epoch,
+        rng=seeding.rng_state(),
+        optimizer=optimizer.state_dict(),
+        best_source_mAP=best_map,
+        source_dataset=name,
+    )
+
+
+def _restore(path: Path, model: Any, optimizer: Any) -> tuple[int, float]:
+    """Load model, optimizer and RNG states; returns (epochs completed, best source mAP so far)."""
+    state = checkpoint.load_checkpoint(path)
+    if state.get("kind") != "pretrain":
+        raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint; expected a pretraining checkpoint")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    seeding.set_rng_state(state["rng"])
+    log.info("resumed from %s after epoch %d", path, int(state["epoch"]))
+    return int(state["epoch"]), float(state["best_source_mAP"])
+
+
+def _check_pretrain_loss(cfg: PretrainConfig) -> None:
+    """Refuse loss settings that source training does not use, rather than ignore them silently."""
+    unused = {
+        "loss.ce_weight": (cfg.loss.ce_weight, 1.0),
+        "loss.spread_weight": (cfg.loss.spread_weight, 0.0),
+        "loss.triplet_feature": (cfg.loss.triplet_feature, "pooled"),
+    }
+    for key, (value, supported) in unused.items():
+        if value != supported:
+            raise ValueError(
+                f"{key}={value!r} is not supported by `dualref pretrain`; expected {supported!r} "
+                "(source training is CE + triplet on the pooled feature, both with weight 1)"
+            )
