@@ -104,6 +104,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from dualref.pipelines import study
+
+    return study.run_study(
+        args.study, only=args.only, report_only=args.report, dry_run=args.dry_run, parallel=args.parallel
+    )
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dualref.pipelines import demo
 
@@ -188,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--flip", action="store_true", help="average with horizontally flipped images")
     evaluate.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6)")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    study = sub.add_parser("study", help="rows x seeds of adaptation runs, resumable; mean ± std and plot")
+    study.add_argument("study", help="study YAML file (docs/study.md)")
+    study.add_argument("--only", action="append", default=[], metavar="ROW", help="run only this row")
+    study.add_argument("--report", action="store_true", help="only write the report of what has finished")
+    study.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    study.add_argument("--parallel", type=int, default=None, help="runs at once (default: the file's)")
+    study.set_defaults(func=_cmd_study)
 
     demo = sub.add_parser("demo", help="the whole method on the synthetic domain pair (no data needed)")
     demo.add_argument("--out", default="runs/demo", help="output folder")

@@ -9,19 +9,50 @@ Plots are drawn with matplotlib's object API on the Agg canvas: no pyplot global
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dualref import io
+from dualref import io, runs
 from dualref.runs import METRICS_FILE
 
 SUMMARY_FILE = "summary.md"
 FSCORE_PLOT = "label_fscore.png"
 RANK_PLOT = "target_rank.png"
+TERMS = ("ce_coarse", "triplet_coarse", "ce_refined", "triplet_refined", "memory")
+# The training diagnostics of docs/study.md: file -> (series: legend -> record key, y label, title).
+DIAGNOSTIC_PLOTS: dict[str, tuple[dict[str, str], str, str]] = {
+    "grad_share.png": (
+        {term: f"grad_share_{term}" for term in TERMS},
+        "share of the gradient norm",
+        "Which loss term drives the trunk",
+    ),
+    "clusters.png": (
+        {
+            "largest cluster / N": "largest_cluster_share",
+            "outliers / N": "outlier_share",
+            "refined label != coarse": "refined_changed",
+        },
+        "share of the target images",
+        "Cluster profile (label-free)",
+    ),
+    "precision.png": (
+        {
+            "coarse label pairs": "coarse_precision",
+            "refined label pairs": "refined_precision",
+            "spread-out positives (bank k-NN)": "bank_neighbour_precision",
+        },
+        "precision",
+        "Precision against the hidden identities (monitoring only)",
+    ),
+    "bank.png": (
+        {"cosine to the initial row": "bank_cosine_to_initial", "row norm": "bank_row_norm"},
+        "mean over rows",
+        "Instant memory bank drift",
+    ),
+}
 
 
 def read_epochs(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -39,18 +70,11 @@ def read_epochs(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected the metrics of an adaptation run")
     merged: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number} is not a JSON line ({err})") from None
+    for record in runs.read_records(run_dir):
         if record.get("kind") not in ("adapt", "eval_target"):
             continue
-        epoch = int(record["epoch"])
         values = {k: v for k, v in record.items() if k not in ("kind", "time")}
-        merged.setdefault(epoch, {}).update(values)
+        merged.setdefault(int(record["epoch"]), {}).update(values)
     return [merged[epoch] for epoch in sorted(merged)]
 
 
@@ -98,6 +122,11 @@ def write_report(run_dir: str | Path) -> Path:
             path=run_dir / RANK_PLOT,
         )
         plots.append(RANK_PLOT)
+    for name, (series, ylabel, title) in DIAGNOSTIC_PLOTS.items():
+        present = {label: key for label, key in series.items() if any(key in record for record in epochs)}
+        if present:
+            plot_series(epochs, present, ylabel=ylabel, title=title, path=run_dir / name)
+            plots.append(name)
     path = run_dir / SUMMARY_FILE
     io.write_text(path, summary_markdown(epochs, config, plots))
     return path

@@ -86,6 +86,39 @@ def _json_value(value: Any) -> Any:
     return number if math.isfinite(number) else None
 
 
+def read_records(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order (only those of `kind` when given).
+
+    A torn last line (a crash or a full disk while appending) is skipped with a warning; a bad line
+    anywhere else is an error naming the file and line.
+
+    Args:
+        run_dir: the run folder.
+        kind: e.g. "adapt", "eval_target"; None = every record.
+
+    Returns:
+        The records; empty when the file does not exist yet.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                logging.getLogger(LOGGER_NAME).warning("%s:%d is a torn line; skipped", path, number)
+                continue
+            raise ValueError(f"{path}:{number} is not a JSON line ({err})") from None
+        if kind is None or record.get("kind") == kind:
+            records.append(record)
+    return records
+
+
 class Run:
     """An open run folder. Create it with `open_run`; close it (or use it as a context manager).
 

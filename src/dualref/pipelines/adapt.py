@@ -43,7 +43,7 @@ from dualref import (
 )
 from dualref.config import AdaptConfig
 from dualref.data import loaders
-from dualref.data.records import Sample
+from dualref.data.records import ReidSplits, Sample
 from dualref.memory_bank import InstantMemoryBank, MemoryBank, build_memory_bank
 from dualref.models.reid_net import ReidNet, load_trunk_and_neck
 from dualref.pipelines import common
@@ -74,52 +74,32 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
     device, amp_dtype = common.start_process(cfg.run)
     cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
     with runs.open_run(common.run_folder(cfg.run, resume), cfg, resume=resume is not None) as run:
-        target = common.load_splits(
-            cfg.data.target, cfg.data.target_root, skip_unreadable=cfg.data.skip_unreadable
-        )
-        if not target.train:
-            raise ValueError(f"target data set {cfg.data.target_root!r} has no training images")
-        log.info(
-            "target %s: %d training images (unlabelled use), %d query, %d gallery",
-            target.name,
-            len(target.train),
-            len(target.query),
-            len(target.gallery),
-        )
+        target = _load_target(cfg)
         images = TargetImages(paths=[s.path for s in target.train], camids=[s.camid for s in target.train])
         monitor_pids = _monitoring_pids(target.train)
         model = _build_model(cfg, device)
         test = common.evaluator(target, cfg.data, cfg.run, device)
         if cfg.optim.epochs == 0:  # direct transfer: evaluate the starting model only
-            _evaluate_logged(run, test, model, epoch=0)
+            _evaluate_missing(run, test, model, cfg, epoch=0)
             report.write_report(run.path)
             return run.path
         cluster_loader = common.test_loader(images.paths, cfg.data, device)
-        memory = None
-        if cfg.loss.spread_weight > 0:
-            memory = build_memory_bank(
-                cfg.loss.memory, len(images.paths), model.feat_dim, cfg.loss.memory_momentum
-            )
-            memory = memory.to(device) if memory is not None else None
+        memory = _build_memory(cfg, len(images.paths), model.feat_dim, device)
         state = _restore(run.checkpoint_path, model, memory, device) if resume is not None else None
         eps = state.eps if state else None  # None: derived from clustering.* at epoch 0, then fixed
         optimizer = state.optimizer if state else None
         bank_start = state.bank_start if state else None  # rows at the bank's last (re)initialisation
+        _evaluate_missing(run, test, model, cfg, epoch=state.epoch if state else 0)
         for epoch in range(state.epoch if state else 0, cfg.optim.epochs):
             seconds: dict[str, float] = {}
             with timed(seconds, "extract"):
                 features = extraction.extract_features(  # [N, D] with the current model
                     model, cluster_loader, device, progress=cfg.run.progress, amp_dtype=amp_dtype
                 )
+            refine = cfg.loss.refined_weight > 0
             labels = pseudo_labels.compute_pseudo_labels(
-                features,
-                cfg.clustering,
-                eps=eps,
-                refine=cfg.loss.refined_weight > 0,
-                seed=cfg.run.seed,
-                device=cluster_device,
+                features, cfg.clustering, eps=eps, refine=refine, seed=cfg.run.seed, device=cluster_device
             )
-            seconds.update(labels.seconds)
             _check_clusters(labels, epoch, fixed_eps=cfg.clustering.dbscan_eps is not None)
             eps = labels.eps
             if memory is not None and (epoch == 0 or cfg.loss.bank_refresh):
@@ -131,9 +111,8 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
             centroids = clustering.cluster_centroids(features, labels.coarse, labels.num_clusters)
             model.reset_classifier(labels.num_clusters, centroids.to(device))
             loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch=epoch)
-            lr = common.epoch_lr(cfg.optim, epoch)
+            lr, mu = common.epoch_lr(cfg.optim, epoch), cfg.loss.spread_weight_at(epoch)
             optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
-            mu = cfg.loss.spread_weight_at(epoch)
             with timed(seconds, "train"), common.naming_checkpoint(run.checkpoint_path):
                 stats = steps.train_target_epoch(
                     model,
@@ -150,38 +129,78 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
                     epoch=epoch,
                     diagnostics_every=cfg.run.diagnostics_every,
                 )
-            record = {
-                **pseudo_labels.label_record(labels, num_instances=cfg.data.num_instances),
-                "lr": lr,
-                "spread_weight": mu,
-                **{f"loss_{name}": value for name, value in stats.means.items()},
-                **(
-                    diagnostics.bank_drift(memory.bank(), bank_start)
-                    if bank_start is not None and memory
-                    else {}
-                ),
-                **{f"seconds_{name}": round(value, 3) for name, value in seconds.items()},
-                **monitoring,
-            }
+            drift = (
+                diagnostics.bank_drift(memory.bank(), bank_start) if memory and bank_start is not None else {}
+            )
+            record = _epoch_record(
+                labels, stats, lr, mu, seconds | labels.seconds, {**drift, **monitoring}, cfg
+            )
             run.log_metrics(epoch + 1, record, kind="adapt")
             log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs, _epoch_summary(record))
             rng = seeding.rng_state()
-            _save(
-                run.checkpoint_path,
-                cfg,
-                model,
-                memory,
-                optimizer,
-                eps=eps,
-                epoch=epoch + 1,
-                rng=rng,
-                bank_start=bank_start,
-            )
+            _save(run.checkpoint_path, cfg, model, memory, optimizer, eps, epoch + 1, rng, bank_start)
             if common.evaluation_due(cfg.run, epoch + 1, cfg.optim.epochs):
                 _evaluate_logged(run, test, model, epoch=epoch + 1)
             seeding.set_rng_state(rng)  # evaluation must not change what the next epoch draws
         report.write_report(run.path)
         return run.path
+
+
+def _load_target(cfg: AdaptConfig) -> ReidSplits:
+    data = cfg.data
+    target = common.load_splits(data.target, data.target_root, skip_unreadable=data.skip_unreadable)
+    if not target.train:
+        raise ValueError(f"target data set {data.target_root!r} has no training images")
+    log.info(
+        "target %s: %d training images (unlabelled use), %d query, %d gallery",
+        target.name,
+        len(target.train),
+        len(target.query),
+        len(target.gallery),
+    )
+    return target
+
+
+def _build_memory(
+    cfg: AdaptConfig, num_samples: int, feat_dim: int, device: torch.device
+) -> MemoryBank | None:
+    """The memory of the configured Table III variant; None without memory loss or for "minibatch"."""
+    if cfg.loss.spread_weight == 0:
+        return None
+    memory = build_memory_bank(cfg.loss.memory, num_samples, feat_dim, cfg.loss.memory_momentum)
+    return memory.to(device) if memory is not None else None
+
+
+def _epoch_record(
+    labels: pseudo_labels.PseudoLabels,
+    stats: steps.EpochStats,
+    lr: float,
+    mu: float,
+    seconds: dict[str, float],
+    extra: dict[str, float],
+    cfg: AdaptConfig,
+) -> dict[str, Any]:
+    """One "adapt" line of metrics.jsonl: labels, losses (loss_<term>), gradient shares, timings, extra."""
+    return {
+        **pseudo_labels.label_record(labels, num_instances=cfg.data.num_instances),
+        "lr": lr,
+        "spread_weight": mu,
+        **{name if name.startswith("grad_") else f"loss_{name}": v for name, v in stats.means.items()},
+        **{f"seconds_{name}": round(value, 3) for name, value in seconds.items()},
+        **extra,
+    }
+
+
+def _evaluate_missing(run: runs.Run, test: Any, model: ReidNet, cfg: AdaptConfig, *, epoch: int) -> None:
+    """Evaluate the checkpoint's epoch if its evaluation was due but the run stopped before logging it.
+
+    The checkpoint is written before the evaluation, so a run killed during an evaluation resumes after
+    that epoch; without this, its record (the result itself, after the last epoch) would be lost. Epoch
+    0 of a direct-transfer run (`optim.epochs = 0`) is evaluated here too.
+    """
+    due = epoch == cfg.optim.epochs or (epoch > 0 and common.evaluation_due(cfg.run, epoch, cfg.optim.epochs))
+    if due and not any(record["epoch"] == epoch for record in runs.read_records(run.path, "eval_target")):
+        _evaluate_logged(run, test, model, epoch=epoch)
 
 
 def _evaluate_logged(run: runs.Run, test: Any, model: ReidNet, *, epoch: int) -> None:
@@ -344,7 +363,6 @@ def _save(
     model: ReidNet,
     memory: MemoryBank | None,
     optimizer: torch.optim.Optimizer | None,
-    *,
     eps: float,
     epoch: int,
     rng: dict[str, Any],

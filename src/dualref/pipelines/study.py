@@ -1,0 +1,331 @@
+"""`dualref study STUDY.yaml`: rows x seeds of adaptation runs, resumable, then mean ± std and Fig. 3(b).
+
+A study file names its output folder, its rows (an adapt config plus `--set` overrides each) and their
+seeds. Every (row, seed) is an ordinary `dualref adapt` run in ``OUT/ROW/seed_S``, started as a child
+process with ``run.seed=S`` and ``run.threads=1`` so that `parallel` runs share the cores. A finished run
+(its last epoch evaluated and summary.md written) is skipped, an interrupted one is resumed exactly, so a
+study can be stopped at any moment and continued later, losing at most the current epoch of each run.
+At the end (and with ``--report``) it writes ``OUT/study.md`` (mean ± std over seeds of the last epoch;
+the best-on-test epoch only labelled as such), ``OUT/study.json`` and ``OUT/fig3b.png`` (target mAP per
+epoch, mean with a ± std band, for the rows named in `plot`).
+
+Example (docs/study.md)::
+
+    out: runs/study/duke_to_market
+    parallel: 2
+    plot: [baseline, full]
+    rows:
+      - name: baseline
+        config: configs/cpu/study/duke_to_market/baseline.yaml
+        seeds: [1, 2, 3]
+      - name: full
+        config: configs/cpu/study/duke_to_market/full.yaml
+        seeds: [1, 2, 3]
+        set: ["loss.spread_rampup_epochs=2"]
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dualref import io, report, runs
+
+log = logging.getLogger("dualref")
+
+SUMMARY_FILE = "study.md"
+JSON_FILE = "study.json"
+PLOT_FILE = "fig3b.png"
+ROW_KEYS = ("name", "config", "seeds", "set")
+STUDY_KEYS = ("out", "parallel", "plot", "rows", "title")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a study: an adapt config, overrides, seeds."""
+
+    name: str
+    config: Path
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed study file."""
+
+    out: Path
+    rows: tuple[Row, ...]
+    parallel: int = 2
+    plot: tuple[str, ...] = ()
+    title: str = "Adaptation study"
+
+    def runs(self) -> list[tuple[Row, int, Path]]:
+        """Every (row, seed, run folder): the first seed of every row, then the second, ...
+
+        Seed-major, so that a study stopped early has one seed of every row rather than every seed of
+        the first rows.
+        """
+        depth = max(len(row.seeds) for row in self.rows)
+        return [
+            (row, row.seeds[i], self.out / row.name / f"seed_{row.seeds[i]}")
+            for i in range(depth)
+            for row in self.rows
+            if i < len(row.seeds)
+        ]
+
+
+def load_study(path: str | Path) -> Study:
+    """Parse and check a study file; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with keys {list(STUDY_KEYS)}")
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown or "out" not in raw or not raw.get("rows"):
+        raise ValueError(
+            f"{path}: unknown keys {unknown}; expected 'out', 'rows' and optionally {list(STUDY_KEYS)}"
+        )
+    rows = []
+    for number, item in enumerate(raw["rows"]):
+        where = f"{path}: rows[{number}]"
+        if not isinstance(item, dict) or sorted(set(item) - set(ROW_KEYS)) or "name" not in item:
+            raise ValueError(f"{where}: expected a mapping with 'name', 'config', 'seeds' and optional 'set'")
+        seeds = item.get("seeds", [1])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"{where}.seeds={seeds!r}; expected a non-empty list of integers")
+        config = Path(str(item.get("config", "")))
+        if not config.is_file():
+            raise FileNotFoundError(f"{where}.config: {config} does not exist")
+        overrides = item.get("set", [])
+        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ValueError(f"{where}.set={overrides!r}; expected a list of 'key=value' strings")
+        rows.append(Row(str(item["name"]), config, tuple(seeds), tuple(overrides)))
+    names = [row.name for row in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: row names must be unique; got {names}")
+    plot = tuple(raw.get("plot", ()))
+    if set(plot) - set(names):
+        raise ValueError(f"{path}: plot names {sorted(set(plot) - set(names))} are not rows {names}")
+    parallel = raw.get("parallel", 2)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"{path}: parallel={parallel!r}; expected a positive integer")
+    return Study(
+        Path(str(raw["out"])), tuple(rows), parallel, plot, str(raw.get("title", "Adaptation study"))
+    )
+
+
+def run_status(run_dir: Path) -> str:
+    """ "done" (last epoch evaluated, summary written), "partial" (can be resumed) or "new"."""
+    if not (run_dir / runs.CONFIG_FILE).is_file():
+        return "new"
+    config = yaml.safe_load((run_dir / runs.CONFIG_FILE).read_text()) or {}
+    epochs = int(config.get("optim", {}).get("epochs", 0))
+    evaluated = {int(r["epoch"]) for r in runs.read_records(run_dir, "eval_target")}
+    return "done" if epochs in evaluated and (run_dir / report.SUMMARY_FILE).is_file() else "partial"
+
+
+def _command(row: Row, seed: int, run_dir: Path) -> list[str]:
+    base = [sys.executable, "-m", "dualref", "adapt"]
+    if run_status(run_dir) == "partial":
+        return [*base, "--resume", str(run_dir)]
+    sets = [
+        *row.overrides,
+        f"run.seed={seed}",
+        f"run.run_dir={run_dir}",
+        "run.threads=1",
+        "run.progress=false",
+    ]
+    return [*base, str(row.config), *(arg for value in sets for arg in ("--set", value))]
+
+
+def run_study(
+    path: str | Path, *, only: Sequence[str] = (), report_only: bool = False, dry_run: bool = False
+) -> int:
+    """Run every unfinished (row, seed) of the study, `parallel` at a time; then write the report.
+
+    Args:
+        path: the study file.
+        only: restrict to these row names (all when empty).
+        report_only: write the report from what exists, run nothing.
+        dry_run: print the commands, run nothing.
+        parallel: runs at once (default: the study file's `parallel`).
+
+    Returns:
+        0 when every run finished, 1 when some failed (their logs are in their run folders).
+    """
+    study = load_study(path)
+    pending = [
+        (r, s, d) for r, s, d in study.runs() if (not only or r.name in only) and run_status(d) != "done"
+    ]
+    failed: list[str] = []
+    if not report_only:
+        running: list[tuple[str, subprocess.Popen[bytes], float]] = []
+        for row, seed, run_dir in pending:
+            command = _command(row, seed, run_dir)
+            print(("would run: " if dry_run else "starting: ") + " ".join(command), flush=True)
+            if dry_run:
+                continue
+            while len(running) >= (parallel or study.parallel):
+                running, done = _wait(running)
+                failed += done
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            with open(run_dir.parent / f"seed_{seed}.out", "ab") as output:
+                process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+            running.append((str(run_dir), process, time.time()))
+        while running:
+            running, done = _wait(running)
+            failed += done
+    if not dry_run:
+        write_study_report(study)
+        print(f"report: {study.out / SUMMARY_FILE}", flush=True)
+    for name in failed:
+        print(f"failed: {name} (see its run.log and the .out file beside it)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _wait(
+    running: list[tuple[str, subprocess.Popen[bytes], float]],
+) -> tuple[list[tuple[str, subprocess.Popen[bytes], float]], list[str]]:
+    """Block until at least one process ends; the still-running ones and the names of those that failed."""
+    while True:
+        still, failed = [], []
+        for name, process, started in running:
+            code = process.poll()
+            if code is None:
+                still.append((name, process, started))
+                continue
+            minutes = (time.time() - started) / 60
+            print(
+                f"finished ({'ok' if code == 0 else f'exit {code}'}, {minutes:.1f} min): {name}", flush=True
+            )
+            if code != 0:
+                failed.append(name)
+        if len(still) < len(running):
+            return still, failed
+        time.sleep(5)
+
+
+def _row_runs(study: Study, row: Row) -> list[list[dict[str, Any]]]:
+    """The merged per-epoch records of every finished seed of a row."""
+    folders = [study.out / row.name / f"seed_{seed}" for seed in row.seeds]
+    return [report.read_epochs(folder) for folder in folders if run_status(folder) == "done"]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(study: Study) -> list[dict[str, Any]]:
+    """Per row: seeds finished, mean and std of the last epoch's scores and of the last F-scores."""
+    rows = []
+    for row in study.rows:
+        results = [report.final_result(epochs) for epochs in _row_runs(study, row)]
+        finals = [f for f in results if f is not None]
+        entry: dict[str, Any] = {
+            "name": row.name,
+            "seeds": len(finals),
+            "of": len(row.seeds),
+            "set": row.overrides,
+        }
+        for key in ("mAP", "rank1", "rank5", "rank10", "mINP", "coarse_fscore", "refined_fscore"):
+            values = [float(f[key]) for f in finals if f.get(key) is not None]
+            if values:
+                entry[key] = _mean_std(values)
+        best = [report.best_on_test(epochs) for epochs in _row_runs(study, row)]
+        best_maps = [float(b["mAP"]) for b in best if b is not None]
+        if best_maps:
+            entry["best_on_test_mAP"] = _mean_std(best_maps)
+        rows.append(entry)
+    return rows
+
+
+def write_study_report(study: Study) -> None:
+    """study.md, study.json and fig3b.png from the finished runs."""
+    rows = summarise(study)
+    lines = [
+        f"# {study.title}",
+        "",
+        "Last epoch, mean ± std over the finished seeds (percent). `best-on-test` is the epoch with the",
+        "highest test mAP, picked on the test set: optimistic, shown for reference only.",
+        "",
+        "| row | seeds | mAP | R1 | R5 | mINP | F coarse | F refined | best-on-test mAP | overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [_cell(row.get(key)) for key in ("mAP", "rank1", "rank5", "mINP")]
+        cells += [_cell(row.get(key), scale=1.0, digits=3) for key in ("coarse_fscore", "refined_fscore")]
+        cells.append(_cell(row.get("best_on_test_mAP")))
+        overrides = ", ".join(f"`{o}`" for o in row["set"])
+        lines.append(
+            f"| {row['name']} | {row['seeds']}/{row['of']} | " + " | ".join(cells) + f" | {overrides} |"
+        )
+    study.out.mkdir(parents=True, exist_ok=True)
+    if study.plot:
+        curves = {row.name: _row_runs(study, row) for row in study.rows if row.name in study.plot}
+        plot_bands(curves, path=study.out / PLOT_FILE, title=f"{study.title}: target mAP per epoch")
+        lines += ["", f"![target mAP per epoch]({PLOT_FILE})"]
+    io.write_text(study.out / SUMMARY_FILE, "\n".join(lines) + "\n")
+    io.write_json(study.out / JSON_FILE, rows)
+
+
+def _cell(value: tuple[float, float] | None, *, scale: float = 100.0, digits: int = 1) -> str:
+    if value is None:
+        return ""
+    mean, std = value
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def plot_bands(
+    curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], *, path: Path, title: str
+) -> None:
+    """Target mAP per epoch of several rows: the mean over seeds, with a ± std band (paper Fig. 3(b)).
+
+    Args:
+        curves: row name -> the per-epoch records of each of its seeds (`report.read_epochs`).
+        path: the PNG file (written atomically).
+        title: the plot's title.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(5.0, 3.4), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, seeds in curves.items():
+        by_epoch: dict[int, list[float]] = {}
+        for epochs in seeds:
+            for record in epochs:
+                if record.get("mAP") is not None:
+                    by_epoch.setdefault(int(record["epoch"]), []).append(100 * float(record["mAP"]))
+        xs = sorted(by_epoch)
+        if not xs:
+            continue
+        stats = [_mean_std(by_epoch[x]) for x in xs]
+        means = [m for m, _ in stats]
+        axes.plot(xs, means, marker="o", markersize=3, label=f"{name} ({len(seeds)} seeds)")
+        low, high = [m - s for m, s in stats], [m + s for m, s in stats]
+        axes.fill_between(xs, low, high, alpha=0.2)
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("target mAP (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    io.write_bytes(path, lambda handle: figure.savefig(handle, format="png"))
