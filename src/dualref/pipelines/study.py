@@ -154,7 +154,12 @@ def _command(row: Row, seed: int, run_dir: Path) -> list[str]:
 
 
 def run_study(
-    path: str | Path, *, only: Sequence[str] = (), report_only: bool = False, dry_run: bool = False
+    path: str | Path,
+    *,
+    only: Sequence[str] = (),
+    report_only: bool = False,
+    dry_run: bool = False,
+    parallel: int | None = None,
 ) -> int:
     """Run every unfinished (row, seed) of the study, `parallel` at a time; then write the report.
 
