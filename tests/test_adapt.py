@@ -8,7 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -252,3 +255,36 @@ def test_scale_bank_gradient() -> None:
     (bank * torch.tensor([1.0, 3.0])).sum().backward()
     steps.scale_bank_gradient(bank, 2.0)
     assert torch.equal(bank.grad, torch.tensor([[2.0, 6.0]] * 3))  # type: ignore[arg-type]
+
+
+def test_every_output_file_is_readable_by_others(target_root: Path, tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        run_dir = adapt.adapt_to_target(_config(target_root, tmp_path / "perms", "optim.epochs=1"))
+    finally:
+        os.umask(previous)
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {"config.yaml", "checkpoint.pt", "summary.md", "metrics.jsonl", "run.log"} <= {
+        p.name for p in files
+    }
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_resume_evaluates_an_epoch_whose_evaluation_was_lost(straight_run: Path, tmp_path: Path) -> None:
+    # A kill during the last evaluation: the checkpoint of epoch 2 exists, its eval record does not.
+    run_dir = tmp_path / "killed_in_eval"
+    shutil.copytree(straight_run, run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if not ('"eval_target"' in line and '"epoch": 2,' in line)]
+    assert len(kept) == len(lines) - 1
+    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    (run_dir / "summary.md").unlink()
+    adapt.adapt_to_target(load_config(AdaptConfig, run_dir / "config.yaml"), resume=run_dir)
+
+    def scores(run: Path) -> list[dict[str, object]]:
+        timing = ("time", "seconds_eval")
+        return [{k: v for k, v in r.items() if k not in timing} for r in _records(run, "eval_target")]
+
+    assert scores(run_dir) == scores(straight_run)
+    assert "result: last epoch" in (run_dir / "summary.md").read_text()
