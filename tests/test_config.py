@@ -12,6 +12,7 @@ import yaml
 from dualref.config import (
     AdaptConfig,
     DataConfig,
+    LossConfig,
     PretrainConfig,
     config_to_dict,
     load_config,
@@ -198,3 +199,33 @@ def test_fixed_dbscan_eps_is_checked() -> None:
         message = f"clustering.dbscan_eps={float(bad)!r}; expected 0 < eps"
         with pytest.raises(ValueError, match=re.escape(message)):
             load_config(AdaptConfig, None, [f"clustering.dbscan_eps={bad}"])
+
+
+def test_bank_gradient_scale_defaults_to_the_reference_inverse_lambda() -> None:
+    assert LossConfig().bank_gradient_scale() == 2.0  # lambda 0.5
+    assert LossConfig(ce_weight=0.25).bank_gradient_scale() == 4.0
+    assert LossConfig(ce_weight=0.0).bank_gradient_scale() == 1.0  # the reference then applies none
+    assert LossConfig(bank_grad_scale=1.5).bank_gradient_scale() == 1.5
+
+
+def test_spread_weight_ramp_up() -> None:
+    assert [LossConfig(spread_weight=0.1).spread_weight_at(e) for e in (0, 5)] == [0.1, 0.1]
+    ramp = LossConfig(spread_weight=0.1, spread_rampup_epochs=4)
+    assert [ramp.spread_weight_at(e) for e in range(6)] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.bn_groups=3"], "model.bn_groups=3"),  # 64 images cannot be split into 3 equal chunks
+        (["model.bn_groups=0"], "model.bn_groups"),
+        (["clustering.max_cluster_share=0"], "clustering.max_cluster_share"),
+        (["loss.triplet_scale=0"], "loss.triplet_scale"),
+        (["loss.spread_rampup_epochs=-1"], "loss.spread_rampup_epochs"),
+        (["loss.bank_grad_scale=-2"], "loss.bank_grad_scale"),
+        (["run.diagnostics_every=-1"], "run.diagnostics_every"),
+    ],
+)
+def test_study_options_are_validated(overrides: list[str], key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        load_config(AdaptConfig, None, overrides)

@@ -1,0 +1,24 @@
+"""The command line: one-line errors for bad input, the traceback behind --debug / DUALREF_DEBUG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dualref import cli
+
+
+def test_errors_are_one_line_unless_debugging(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = str(tmp_path / "nothing.yaml")
+    assert cli.main(["adapt", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"dualref: error: config file {missing} does not exist"
+    assert cli.main(["--debug", "adapt", missing]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().endswith("does not exist")
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    assert cli.main(["adapt", missing]) == 2
+    assert "Traceback" in capsys.readouterr().err
