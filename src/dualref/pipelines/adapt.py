@@ -296,21 +296,15 @@ def _train_loader(
     epoch: int,
 ) -> Any:
     """P x K batches over the coarse labels (outliers, -1, never sampled); order set by (seed, epoch)."""
-    data = cfg.data
-    loader = loaders.train_loader(
+    loader = common.train_loader(
         images.paths,
         coarse.tolist(),
         images.camids,
-        height=data.height,
-        width=data.width,
-        batch_size=data.batch_size,
-        num_instances=data.num_instances,
-        num_iterations=cfg.optim.iters_per_epoch,
+        cfg.data,
+        iterations=cfg.optim.iters_per_epoch,
         seed=cfg.run.seed,
-        random_erasing_prob=data.random_erasing_prob,
-        num_workers=data.num_workers,
-        cache=False,
-        pin_memory=device.type == "cuda",
+        device=device,
+        cache=False,  # shares the extraction loader's pixels instead (below)
     )
     # The extraction loader already decoded every image once (data.cache_images): share its pixels
     # rather than decoding the whole set again for each epoch's new loader.

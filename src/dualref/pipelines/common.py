@@ -86,6 +86,35 @@ def test_loader(paths: Sequence[Path], data: DataConfig, device: torch.device) -
     )
 
 
+def train_loader(
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    camids: Sequence[int],
+    data: DataConfig,
+    *,
+    iterations: int,
+    seed: int,
+    device: torch.device,
+    cache: bool,
+) -> Any:
+    """P x K training batches over `labels` (-1 never sampled), `iterations` per epoch."""
+    return loaders.train_loader(
+        paths,
+        list(labels),
+        list(camids),
+        height=data.height,
+        width=data.width,
+        batch_size=data.batch_size,
+        num_instances=data.num_instances,
+        num_iterations=iterations,
+        seed=seed,
+        random_erasing_prob=data.random_erasing_prob,
+        num_workers=data.num_workers,
+        cache=cache,
+        pin_memory=device.type == "cuda",
+    )
+
+
 def evaluator(
     splits: ReidSplits, data: DataConfig, run: RunConfig, device: torch.device
 ) -> inference.Evaluator:

@@ -61,20 +61,15 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         optimizer = training.build_adam(
             model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
         )
-        source_loader = loaders.train_loader(
+        source_loader = common.train_loader(
             [s.path for s in source.train],
             labels,
             [s.camid for s in source.train],
-            height=data.height,
-            width=data.width,
-            batch_size=data.batch_size,
-            num_instances=data.num_instances,
-            num_iterations=cfg.optim.iters_per_epoch,
+            data,
+            iterations=cfg.optim.iters_per_epoch,
             seed=cfg.run.seed,
-            random_erasing_prob=data.random_erasing_prob,
-            num_workers=data.num_workers,
+            device=device,
             cache=data.cache_images,
-            pin_memory=device.type == "cuda",
         )
         target_loader = None
         if cfg.forward_target_batches and target is not None:
