@@ -23,6 +23,8 @@ cheaper than an argsort), and the rank of every true match is found by a batched
 distance in its sorted row; ties with other entries are settled exactly by counting, and junk entries
 ranked before a match are subtracted. Everything is vectorised over the chunk; there is no Python loop
 over queries. The same code runs on CPU tensors, NumPy arrays and CUDA tensors.
+
+Size: ~440 lines, one protocol: the chunked metrics, their input checks and the record types belong together.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from collections.abc import Iterable, Sized
@@ -11,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from dualref import training
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,13 @@ def extract_features(
     on_cuda = device.type == "cuda"
     if amp_dtype is not None and not on_cuda:
         log.info("amp_dtype=%s ignored on %s: extracting in float32", amp_dtype, device)
-    autocast: contextlib.AbstractContextManager[object] = (
-        torch.autocast(device_type="cuda", dtype=amp_dtype)
-        if on_cuda and amp_dtype is not None
-        else contextlib.nullcontext()
-    )
     dataset = getattr(loader, "dataset", None)
     expected_rows = len(dataset) if isinstance(dataset, Sized) else None
     was_training = model.training
     model.eval()
     chunks: list[tuple[Tensor, Tensor]] = []
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), training.autocast(device, amp_dtype):
             bar = tqdm(
                 loader,
                 desc=desc,

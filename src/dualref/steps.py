@@ -13,6 +13,8 @@ update (`after_step`).
   the coarse and the refined labels, the memory loss, the joint objective, the instant bank's gradient
   scale, a traditional memory's momentum update; and, every `diagnostics_every` iterations, each loss
   term's share of the gradient at the trunk's output.
+
+Size: ~430 lines, mostly docstrings: the skeleton and the two steps it runs belong together.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dualref.memory_bank import InPlaceAdam
+
 SCHEDULES = ("warmup_multistep", "step", "constant")
 # run.amp -> autocast dtype (None: float32).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,7 +109,8 @@ def build_adam(
 
     The reference gives every parameter its own group with the same lr and weight decay; one group is
     equivalent for Adam (its state is per parameter). Parameters with ``requires_grad=False`` (the
-    frozen BN-neck bias) are left out.
+    frozen BN-neck bias) are left out. It is `memory_bank.InPlaceAdam`: torch.optim.Adam's numbers,
+    bit for bit, without its parameter-sized temporaries (which dominate the step of an instant bank).
 
     Args:
         params: parameters, or parameter groups (dicts with a "params" entry and optional overrides).
@@ -133,7 +136,7 @@ def build_adam(
             groups.append({"params": trainable})
     if not groups:
         raise ValueError("no trainable parameter (all have requires_grad=False); nothing to optimise")
-    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    return InPlaceAdam(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
 
 class NonFiniteLossError(FloatingPointError, ValueError):
