@@ -14,9 +14,11 @@ from sklearn.metrics import average_precision_score
 from conftest import shared_dataset
 from dualref.evaluation import (
     RankMetrics,
+    cross_camera_map,
     format_metrics,
     rank_metrics,
     rank_metrics_from_features,
+    sqeuclidean_distance,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -374,3 +376,88 @@ def test_market1501_matches_reference() -> None:
     )
     assert from_features.mAP == pytest.approx(m.mAP, abs=1e-6)
     print(f"market1501 realdata check: {format_metrics(m)} in {time.perf_counter() - started:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-camera breakdown against a literal per-query, per-camera loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_camera_reference(
+    dist: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray, g_cams: np.ndarray
+) -> tuple[dict[int, list[float]], dict[tuple[int, int], list[float]]]:
+    """Per query camera and per (query camera, gallery camera): the APs, one query at a time."""
+    per_camera: dict[int, list[float]] = {}
+    per_pair: dict[tuple[int, int], list[float]] = {}
+    for i in range(len(q_pids)):
+        order = np.argsort(dist[i], kind="stable")
+        not_junk = [g for g in order if not (g_pids[g] == q_pids[i] and g_cams[g] == q_cams[i])]
+        per_gallery_camera = [(c, [g for g in not_junk if g_cams[g] == c]) for c in set(g_cams)]
+        for camera, kept in [(None, not_junk), *per_gallery_camera]:
+            hits = [rank for rank, g in enumerate(kept, start=1) if g_pids[g] == q_pids[i]]
+            if not hits:
+                continue
+            ap = float(np.mean([n / rank for n, rank in enumerate(hits, start=1)]))
+            if camera is None:
+                per_camera.setdefault(int(q_cams[i]), []).append(ap)
+            else:
+                per_pair.setdefault((int(q_cams[i]), int(camera)), []).append(ap)
+    return per_camera, per_pair
+
+
+@pytest.mark.parametrize(("seed", "ties"), [(0, False), (1, True), (2, False)])
+def test_cross_camera_map_matches_the_per_query_reference(seed: int, ties: bool) -> None:
+    dist, q_pids, g_pids, q_cams, g_cams = random_case(seed, 40, 70, 6, ties)
+    result = cross_camera_map(dist, q_pids, g_pids, q_cams, g_cams, chunk_size=7)
+    per_camera, per_pair = cross_camera_reference(dist, q_pids, g_pids, q_cams, g_cams)
+    assert result.query_cameras.tolist() == sorted(set(q_cams.tolist()))
+    assert result.gallery_cameras.tolist() == sorted(set(g_cams.tolist()))
+    for i, camera in enumerate(result.query_cameras.tolist()):
+        aps = per_camera.get(camera, [])
+        assert result.num_queries[i] == len(aps)
+        if aps:
+            assert result.per_query_camera[i] == pytest.approx(np.mean(aps), abs=1e-12)
+        else:
+            assert np.isnan(result.per_query_camera[i])
+        for j, g_camera in enumerate(result.gallery_cameras.tolist()):
+            aps = per_pair.get((camera, g_camera), [])
+            assert result.num_pair_queries[i, j] == len(aps)
+            if aps:
+                assert result.per_pair[i, j] == pytest.approx(np.mean(aps), abs=1e-12)
+            else:
+                assert np.isnan(result.per_pair[i, j])
+        same_camera = result.gallery_cameras.tolist().index(camera)
+        assert np.isnan(result.per_pair[i, same_camera])  # same camera: every match is junk
+    # The per-camera means, weighted by their queries, are the overall mAP.
+    overall = rank_metrics(dist, q_pids, g_pids, q_cams, g_cams)
+    weighted = np.nansum(result.per_query_camera * result.num_queries) / result.num_queries.sum()
+    assert weighted == pytest.approx(overall.mAP, abs=1e-12)
+
+
+def test_cross_camera_map_golden_and_checks() -> None:
+    golden = (GOLDEN_Q_PIDS, GOLDEN_G_PIDS, GOLDEN_Q_CAMS, GOLDEN_G_CAMS)
+    result = cross_camera_map(np.array(GOLDEN_DIST), *golden)
+    # q0 (cam 0): AP 11/30 overall; gallery cam 1 holds g1 (match) and g3 -> ranked g3, g1: AP 1/2;
+    # cam 2 holds only g4 (match): AP 1. q1 (cam 1): AP 1/2; cam 0: g5, g2 (match), g0 -> AP 1/2.
+    # q2: no valid match.
+    assert result.per_query_camera.tolist() == pytest.approx([11 / 30, 1 / 2])
+    assert result.num_queries.tolist() == [1, 1]
+    assert result.per_pair[0, 1:].tolist() == pytest.approx([1 / 2, 1.0])
+    assert result.per_pair[1, 0] == pytest.approx(1 / 2)
+    assert np.isnan(result.per_pair[[0, 1, 1], [0, 1, 2]]).all()
+    with pytest.raises(ValueError, match="dist: expected a"):
+        cross_camera_map(np.zeros(3), [1], [1, 2, 3], [0], [0, 1, 2])
+    with pytest.raises(ValueError, match="gallery_camids: expected shape"):
+        cross_camera_map(np.zeros((1, 3)), [1], [1, 2, 3], [0], [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        cross_camera_map(np.full((1, 3), np.nan), [1], [1, 2, 3], [0], [0, 1, 2])
+
+
+def test_sqeuclidean_distance_ranks_as_rank_metrics_from_features() -> None:
+    rng = np.random.default_rng(0)
+    query, gallery = rng.normal(size=(20, 8)).astype(np.float32), rng.normal(size=(30, 8)).astype(np.float32)
+    dist = sqeuclidean_distance(query, gallery)
+    assert dist.shape == (20, 30) and dist.dtype == np.float32
+    np.testing.assert_allclose(dist, ((query[:, None] - gallery[None]) ** 2).sum(-1), rtol=1e-5, atol=1e-5)
+    ids = (rng.integers(0, 5, 20), rng.integers(0, 5, 30), rng.integers(0, 3, 20), rng.integers(0, 3, 30))
+    assert rank_metrics(dist, *ids).mAP == pytest.approx(rank_metrics_from_features(query, gallery, *ids).mAP)

@@ -63,6 +63,9 @@ def test_best_row_is_omitted_when_the_last_epoch_is_best(tmp_path: Path) -> None
 def test_missing_or_corrupt_metrics_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl"):
         report.read_epochs(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "kind": "adapt"}\n{broken\n')
+    # A torn last line (a crash while appending) is skipped; a bad line before it is an error.
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "kind": "adapt"}\n{"epoch": 2, "ki')
+    assert report.read_epochs(tmp_path) == [{"epoch": 1}]
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "kind": "adapt"}\n{broken\n{"epoch": 2}\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
         report.read_epochs(tmp_path)

@@ -85,22 +85,118 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dualref import inference, training
+    from dualref.pipelines import evaluate
 
-    metrics = inference.evaluate_checkpoint(
+    options = evaluate.EvaluateOptions(
+        flip=args.flip,
+        rerank=args.rerank,
+        rerank_k1=args.rerank_k1,
+        rerank_k2=args.rerank_k2,
+        rerank_lambda=args.rerank_lambda,
+        cross_camera=args.cross_camera,
+        height=args.height,
+        width=args.width,
+    )
+    result, _ = evaluate.run_evaluate(
         args.checkpoint,
         args.dataset,
         args.root,
+        options=options,
+        device=training.resolve_device(args.device, key="--device"),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        out=args.out,
+        save_features=args.save_features,
+    )
+    rerank = f"re-ranking (k1={args.rerank_k1}, k2={args.rerank_k2}, lambda={args.rerank_lambda})"
+    options_text = ", ".join(name for name, on in (("flip", args.flip), (rerank, args.rerank)) if on)
+    with_options = f" with {options_text}" if options_text else ""
+    print(f"{args.checkpoint} on {args.dataset} ({args.root}){with_options}")
+    print(inference.format_table(result.metrics))
+    if result.cross_camera is not None:
+        print(inference.format_cross_camera(result.cross_camera))
+    for what, where in (("results", args.out), ("features and distances", args.save_features)):
+        if where is not None:
+            print(f"{what} written to {where}")
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from dualref import training
+    from dualref.pipelines import extract
+
+    written = extract.run_extract(
+        args.checkpoint,
+        out=args.out,
+        images_dir=args.images_dir,
+        dataset=args.dataset,
+        root=args.root,
+        split=args.split,
         device=training.resolve_device(args.device, key="--device"),
         batch_size=args.batch_size,
         num_workers=args.workers,
         flip=args.flip,
-        rerank=args.rerank,
-        height=args.height,
-        width=args.width,
+        skip_unreadable=args.skip_unreadable,
     )
-    options = ", ".join(name for name, on in (("flip", args.flip), ("re-ranking", args.rerank)) if on)
-    print(f"{args.checkpoint} on {args.dataset} ({args.root}){f' with {options}' if options else ''}")
-    print(inference.format_table(metrics))
+    for split in written:
+        print(
+            f"{split.name}: {split.num_images} x {split.feat_dim} features -> {split.folder}/ "
+            f"({', '.join(split.files)})"
+        )
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from dualref import training, visualize
+
+    if (args.checkpoint is None) == (args.saved is None):
+        raise ValueError("give either CHECKPOINT (with --dataset and --root) or --saved DIR")
+    if args.saved is not None:
+        rankings = [visualize.ranking_from_saved(args.saved)]
+    else:
+        if args.dataset is None or args.root is None:
+            raise ValueError("CHECKPOINT needs --dataset and --root (the query/gallery to rank)")
+        device = training.resolve_device(args.device, key="--device")
+        rankings = [
+            visualize.ranking_from_checkpoint(
+                path,
+                args.dataset,
+                args.root,
+                device=device,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                flip=args.flip,
+                rerank=args.rerank,
+            )
+            for path in (args.checkpoint, *([args.compare] if args.compare else []))
+        ]
+    index = visualize.write_ranked_lists(
+        rankings,
+        args.out,
+        num_queries=args.queries,
+        query_indices=args.query_index,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    for ranking in rankings:
+        score = f": mAP {100 * ranking.mAP:.1f}%" if ranking.mAP is not None else ""
+        print(f"{ranking.label.replace(chr(10), ' ')}{score}")
+    print(f"ranked lists written to {index}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dualref import export
+
+    result = export.export_checkpoint(args.checkpoint, args.format, args.out, tolerance=args.tolerance)
+    print(f"exported {args.checkpoint} -> {result.path} ({result.format})")
+    print(f"input:  {result.metadata['input']}, any batch size B")
+    print(f"        mean {result.metadata['mean']}, std {result.metadata['std']}")
+    print(f"output: {result.metadata['output']}")
+    print(
+        f"check: the reloaded file vs PyTorch on a random batch of {result.check_batch}: "
+        f"max abs difference {result.max_abs_diff:.2e} (tolerance {args.tolerance:g})"
+    )
     return 0
 
 
@@ -116,6 +212,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dualref.pipelines import demo
 
     return demo.run_demo(args.out, seed=args.seed, quick=args.quick, device=args.device, amp=args.amp)
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
+    parser.add_argument("--flip", action="store_true", help="average with horizontally flipped images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,12 +293,65 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--root", required=True)
     evaluate.add_argument("--height", type=int, default=None, help="default: the checkpoint's")
     evaluate.add_argument("--width", type=int, default=None, help="default: the checkpoint's")
-    evaluate.add_argument("--batch-size", type=int, default=128)
-    evaluate.add_argument("--workers", type=int, default=2)
-    evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--flip", action="store_true", help="average with horizontally flipped images")
-    evaluate.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6)")
+    _add_inference_options(evaluate)
+    evaluate.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    evaluate.add_argument("--rerank-k1", type=int, default=20, help="re-ranking's k1 (default 20)")
+    evaluate.add_argument("--rerank-k2", type=int, default=6, help="re-ranking's k2 (default 6)")
+    evaluate.add_argument(
+        "--rerank-lambda", type=float, default=0.3, help="re-ranking's original-distance weight (0.3)"
+    )
+    evaluate.add_argument(
+        "--cross-camera", action="store_true", help="mAP per query camera and per camera pair"
+    )
+    evaluate.add_argument("--out", default=None, metavar="RESULTS_JSON", help="write the results here")
+    evaluate.add_argument(
+        "--save-features", default=None, metavar="DIR", help="save query/gallery features and distances"
+    )
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    extract = sub.add_parser("extract", help="save a checkpoint's features of a data set or image folder")
+    extract.add_argument("checkpoint")
+    extract.add_argument("images_dir", nargs="?", default=None, help="a folder of images (recursive)")
+    extract.add_argument("--dataset", default=None, help="instead of IMAGES_DIR: a data set ...")
+    extract.add_argument("--root", default=None, help="... and its folder")
+    extract.add_argument(
+        "--split", default="train", choices=("train", "query", "gallery", "all"), help="of --dataset"
+    )
+    extract.add_argument("--out", required=True, help="output folder")
+    _add_inference_options(extract)
+    extract.add_argument(
+        "--skip-unreadable", action="store_true", help="skip images that do not decode (logged)"
+    )
+    extract.set_defaults(func=_cmd_extract)
+
+    visualize = sub.add_parser("visualize", help="ranked lists of queries as PNG grids and an HTML page")
+    visualize.add_argument("checkpoint", nargs="?", default=None)
+    visualize.add_argument("--dataset", default=None)
+    visualize.add_argument("--root", default=None)
+    visualize.add_argument(
+        "--saved", default=None, metavar="DIR", help="instead of CHECKPOINT: `evaluate --save-features DIR`"
+    )
+    visualize.add_argument("--compare", default=None, metavar="CHECKPOINT", help="a second model's rows")
+    which = visualize.add_mutually_exclusive_group()
+    which.add_argument("--queries", type=int, default=8, help="random queries with a true match (default 8)")
+    which.add_argument(
+        "--query-index", type=int, action="append", default=None, metavar="I", help="this query (repeatable)"
+    )
+    visualize.add_argument("--top-k", type=int, default=10)
+    visualize.add_argument("--seed", type=int, default=0, help="of the random queries")
+    visualize.add_argument("--out", required=True, help="output folder")
+    _add_inference_options(visualize)
+    visualize.add_argument("--rerank", action="store_true", help="rank by k-reciprocal re-ranking")
+    visualize.set_defaults(func=_cmd_visualize)
+
+    export = sub.add_parser("export", help="export the inference model (TorchScript or ONNX) and check it")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument(
+        "--tolerance", type=float, default=1e-4, help="largest accepted difference to PyTorch (1e-4)"
+    )
+    export.set_defaults(func=_cmd_export)
 
     study = sub.add_parser("study", help="rows x seeds of adaptation runs, resumable; mean ± std and plot")
     study.add_argument("study", help="study YAML file (docs/study.md)")
@@ -228,6 +384,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"dualref: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # An unreadable image (loaders.ImageReadError names it) is bad input too; other OS errors are not.
+        from dualref.data.loaders import ImageReadError  # loaded by whatever raised it: no cost here
+
+        if not isinstance(err, ImageReadError):
+            raise
+        if debug:
+            traceback.print_exc()
+        hint = "to skip unreadable images with a warning: --set data.skip_unreadable=true / --skip-unreadable"
+        print(f"dualref: error: {err} ({hint})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dualref: interrupted", file=sys.stderr)

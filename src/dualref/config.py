@@ -228,7 +228,7 @@ class RunConfig:
 
     run_dir: str = "runs/default"  # output folder: config, log, metrics, checkpoints, report
     seed: int = 1  # seeds every RNG; CPU runs are repeatable
-    device: str = "cpu"  # cpu, cuda, cuda:1, ...
+    device: str = "cpu"  # cpu, cuda, cuda:1, ..., or auto (cuda when a GPU is present, else cpu)
     amp: str = "none"  # mixed precision on CUDA: none, bf16, fp16 (ignored on CPU)
     channels_last: bool = False  # channels-last memory format on CUDA
     eval_every: int = 1  # evaluate on the test split every this many epochs (0 = only at the end)
@@ -243,6 +243,23 @@ class RunConfig:
         _check_positive("run.diagnostics_every", self.diagnostics_every, allow_zero=True)
         _check_positive("run.eval_every", self.eval_every, allow_zero=True)
         _check_positive("run.threads", self.threads, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of adaptation's periodic query/gallery evaluation (all off: the standard protocol)."""
+
+    flip: bool = False  # average each feature with its horizontally flipped image's (test-time augmentation)
+    rerank: bool = False  # k-reciprocal re-ranking (Zhong et al., CVPR 2017) instead of the plain distance
+    rerank_k1: int = 20  # re-ranking: k-reciprocal neighbourhood size (Zhong et al.: k1)
+    rerank_k2: int = 6  # re-ranking: local query expansion size (Zhong et al.: k2)
+    rerank_lambda: float = 0.3  # re-ranking: weight of the original distance (Zhong et al.: lambda)
+
+    def __post_init__(self) -> None:
+        _check_positive("evaluation.rerank_k1", self.rerank_k1)
+        _check_positive("evaluation.rerank_k2", self.rerank_k2)
+        if not 0.0 <= self.rerank_lambda <= 1.0:
+            raise ValueError(f"evaluation.rerank_lambda={self.rerank_lambda!r}; expected 0..1")
 
 
 def _pretrain_optim() -> OptimConfig:
@@ -290,6 +307,7 @@ class AdaptConfig:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(run_dir="runs/adapt"))
+    evaluation: EvalConfig = field(default_factory=EvalConfig)  # the target evaluation's options
 
     def __post_init__(self) -> None:
         _check_bn_groups(self.data, self.model)

@@ -24,7 +24,8 @@ distance in its sorted row; ties with other entries are settled exactly by count
 ranked before a match are subtracted. Everything is vectorised over the chunk; there is no Python loop
 over queries. The same code runs on CPU tensors, NumPy arrays and CUDA tensors.
 
-Size: ~440 lines, one protocol: the chunked metrics, their input checks and the record types belong together.
+Size: ~560 lines, one protocol: the chunked metrics, the per-camera breakdown (`cross_camera_map`), their
+input checks and the record types belong together.
 """
 
 from __future__ import annotations
@@ -204,6 +205,143 @@ def rank_metrics_from_features(
         _check_no_nan(chunk, start, "query_features/gallery_features")
         totals.add(_chunk_metrics(chunk, labels, start, stop))
     return totals.result()
+
+
+class CrossCameraMAP(NamedTuple):
+    """mAP broken down by camera, under the standard protocol (same pid + same camera = junk).
+
+    Attributes:
+        query_cameras: ``[Cq]`` query camera ids, ascending.
+        gallery_cameras: ``[Cg]`` gallery camera ids, ascending.
+        per_query_camera: ``[Cq]`` mAP of each camera's queries against the whole gallery (their mean,
+            weighted by ``num_queries``, is the overall mAP); NaN for a camera without a valid query.
+        num_queries: ``[Cq]`` valid queries (a true match on another camera) per query camera.
+        per_pair: ``[Cq, Cg]`` mAP of query camera ``qc``'s queries against gallery camera ``gc``'s
+            images alone, over the queries with a true match there. NaN where there is none, which
+            includes every ``qc == gc`` cell: a same-camera match is junk.
+        num_pair_queries: ``[Cq, Cg]`` queries averaged in each ``per_pair`` cell.
+    """
+
+    query_cameras: np.ndarray
+    gallery_cameras: np.ndarray
+    per_query_camera: np.ndarray
+    num_queries: np.ndarray
+    per_pair: np.ndarray
+    num_pair_queries: np.ndarray
+
+
+def cross_camera_map(
+    dist: np.ndarray | torch.Tensor,
+    query_pids: ArrayLike,
+    gallery_pids: ArrayLike,
+    query_camids: ArrayLike,
+    gallery_camids: ArrayLike,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> CrossCameraMAP:
+    """mAP per query camera and per (query camera, gallery camera) pair, from a distance matrix.
+
+    Which camera pairs a model links and which it does not is what a cross-camera re-ID score hides;
+    a UDA model typically gains on the hard pairs. Per pair, the gallery is restricted to one camera and
+    the query's AP computed over that camera's images, ranked by (distance, gallery index) as in
+    :func:`rank_metrics`.
+
+    Args:
+        dist: ``[Q, G]`` query-gallery distances (smaller = closer), NaN-free.
+        query_pids, gallery_pids: ``[Q]`` / ``[G]`` identities.
+        query_camids, gallery_camids: ``[Q]`` / ``[G]`` cameras.
+        chunk_size: query rows per step (memory: a few ``[chunk_size, G]`` arrays).
+
+    Returns:
+        The breakdown (see :class:`CrossCameraMAP`).
+    """
+    values = _as_tensor(dist, "dist").cpu().numpy()
+    if values.ndim != 2:
+        raise ValueError(f"dist: expected a [Q, G] matrix, got shape {values.shape}")
+    num_query, num_gallery = values.shape
+    q_pids, g_pids, q_cams, g_cams = (
+        _as_ids(ids, name, n, torch.device("cpu")).numpy()
+        for ids, name, n in (
+            (query_pids, "query_pids", num_query),
+            (gallery_pids, "gallery_pids", num_gallery),
+            (query_camids, "query_camids", num_query),
+            (gallery_camids, "gallery_camids", num_gallery),
+        )
+    )
+    _check_options(1, chunk_size)
+    query_cameras, q_cam_index = np.unique(q_cams, return_inverse=True)
+    gallery_cameras = np.unique(g_cams)
+    ap_sum = np.zeros(len(query_cameras))
+    num_queries = np.zeros(len(query_cameras), dtype=np.int64)
+    pair_sum = np.zeros((len(query_cameras), len(gallery_cameras)))
+    num_pair = np.zeros((len(query_cameras), len(gallery_cameras)), dtype=np.int64)
+    for start in range(0, num_query, chunk_size):
+        rows = slice(start, min(start + chunk_size, num_query))
+        chunk = values[rows]
+        if np.isnan(chunk).any():
+            raise ValueError(f"dist: distances contain NaN (in query rows {rows.start}..{rows.stop - 1})")
+        order = np.argsort(chunk, axis=1, kind="stable")  # [C, G] ranked gallery indices
+        match = g_pids[order] == q_pids[rows, None]  # [C, G]
+        ranked_cams = g_cams[order]  # [C, G]
+        same_camera = ranked_cams == q_cams[rows, None]
+        cam_index = q_cam_index[rows]
+        ap, ok = _average_precision(match & ~same_camera, ~(match & same_camera))
+        np.add.at(ap_sum, cam_index[ok], ap[ok])
+        np.add.at(num_queries, cam_index[ok], 1)
+        for column, camera in enumerate(gallery_cameras):
+            kept = ranked_cams == camera  # only this camera's images
+            ap, ok = _average_precision(match & kept & ~same_camera, kept)
+            np.add.at(pair_sum[:, column], cam_index[ok], ap[ok])
+            np.add.at(num_pair[:, column], cam_index[ok], 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return CrossCameraMAP(
+            query_cameras=query_cameras,
+            gallery_cameras=gallery_cameras,
+            per_query_camera=np.where(num_queries > 0, ap_sum / num_queries, np.nan),
+            num_queries=num_queries,
+            per_pair=np.where(num_pair > 0, pair_sum / num_pair, np.nan),
+            num_pair_queries=num_pair,
+        )
+
+
+def _average_precision(hits: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AP of ranked rows over their kept entries.
+
+    Args:
+        hits: ``[C, G]`` bool, true matches in ranked order (a subset of ``kept``).
+        kept: ``[C, G]`` bool, the entries that are ranked (others are skipped, like junk).
+
+    Returns:
+        ``ap`` ``[C]`` float64 (0 where there is no hit) and ``ok`` ``[C]`` bool (at least one hit).
+    """
+    rank = np.cumsum(kept, axis=1)  # 1-based rank among the kept entries
+    found = np.cumsum(hits, axis=1)  # hits up to and including this entry
+    num_hits = found[:, -1] if hits.shape[1] else np.zeros(len(hits), dtype=np.int64)
+    precision = np.where(hits, found / np.maximum(rank, 1), 0.0)
+    return precision.sum(axis=1) / np.maximum(num_hits, 1), num_hits > 0
+
+
+def sqeuclidean_distance(
+    query_features: np.ndarray | torch.Tensor, gallery_features: np.ndarray | torch.Tensor
+) -> np.ndarray:
+    """``[Q, G]`` float32 squared Euclidean distances ``|q|^2 + |g|^2 - 2 q.g`` (clamped at 0).
+
+    The distance :func:`rank_metrics_from_features` ranks by, as one matrix (to save or break down).
+
+    Args:
+        query_features: ``[Q, D]`` descriptors.
+        gallery_features: ``[G, D]`` descriptors.
+    """
+    query = _as_tensor(query_features, "query_features").float().cpu()
+    gallery = _as_tensor(gallery_features, "gallery_features").float().cpu()
+    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            "query_features/gallery_features: expected [Q, D] and [G, D] with the same D, got "
+            f"{tuple(query.shape)} and {tuple(gallery.shape)}"
+        )
+    dist = (query @ gallery.T).mul_(-2)
+    dist.add_(query.pow(2).sum(1, keepdim=True)).add_(gallery.pow(2).sum(1)[None, :])
+    return dist.clamp_min_(0).numpy()
 
 
 class _QueryGalleryLabels(NamedTuple):
@@ -434,8 +572,11 @@ def _check_options(max_rank: int, chunk_size: int) -> None:
 
 
 __all__ = [
+    "CrossCameraMAP",
     "RankMetrics",
+    "cross_camera_map",
     "format_metrics",
     "rank_metrics",
     "rank_metrics_from_features",
+    "sqeuclidean_distance",
 ]

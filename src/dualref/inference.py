@@ -4,21 +4,27 @@ One evaluation path for every caller: pre-training's source and direct-transfer 
 per-epoch target evaluation and `dualref evaluate` all go through `Evaluator` (eval mode, L2-normalised
 BN-neck features, squared Euclidean distance or k-reciprocal re-ranking, mAP / CMC / mINP). Query and
 gallery pids are read here, for measurement only.
+
+`FeatureExtractor` embeds images given as files, PIL images, arrays or tensors with any checkpoint, with
+exactly the evaluation path's preprocessing (`dualref.data.loaders.read_image`: bicubic PIL resize to the
+checkpoint's input size, then `/255`, mean and std) and forward (`extraction.extract_features`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from PIL import Image
+from torch import Tensor, nn
 
-from dualref import checkpoint, evaluation, extraction
+from dualref import checkpoint, evaluation, extraction, training
 from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits, Sample
 from dualref.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -74,6 +80,42 @@ def load_model(path: str | Path) -> tuple[ReidNet, dict[str, Any]]:
     return model.eval(), state
 
 
+def input_size(state: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of the network input the checkpoint was trained at.
+
+    Checkpoints written before the size was stored: read from their config (`data.height/width`).
+    """
+    data_cfg = state.get("config", {}).get("data", {})
+    height, width = state.get("height", data_cfg.get("height")), state.get("width", data_cfg.get("width"))
+    if height is None or width is None:
+        raise ValueError(
+            "checkpoint stores no input size (keys height/width, or config data.height/data.width); "
+            "give the size explicitly (height=, width= / --height, --width)"
+        )
+    return int(height), int(width)
+
+
+def normalization(state: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel the checkpoint's inputs were normalised with (ImageNet if not stored)."""
+    stored = state.get("normalization") or {}
+    mean = tuple(float(v) for v in stored.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in stored.get("std", IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"checkpoint normalization {stored!r}: expected 3 means and 3 stds (RGB)")
+    return mean, std
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """One evaluation: the metrics and what they were computed from."""
+
+    metrics: RankMetrics
+    query_features: Tensor  # [Q, D] float32, L2-normalised
+    gallery_features: Tensor  # [G, D] float32, L2-normalised
+    dist: np.ndarray | None  # [Q, G] float32: the re-ranked or squared Euclidean distances; when asked
+    cross_camera: evaluation.CrossCameraMAP | None  # per-camera breakdown, if asked
+
+
 class Evaluator:
     """The query/gallery test of one data set; loaders built once (images decoded once with `cache`).
 
@@ -84,7 +126,8 @@ class Evaluator:
         device: where the model runs.
         amp_dtype: autocast dtype on CUDA.
         flip: average with horizontally flipped images.
-        rerank: k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) instead of the plain distance.
+        rerank: k-reciprocal re-ranking instead of the plain distance, with
+        rerank_k1, rerank_k2, rerank_lambda: its neighbourhood sizes and original-distance weight.
         progress: progress bars.
     """
 
@@ -101,6 +144,9 @@ class Evaluator:
         amp_dtype: torch.dtype | None = None,
         flip: bool = False,
         rerank: bool = False,
+        rerank_k1: int = 20,
+        rerank_k2: int = 6,
+        rerank_lambda: float = 0.3,
         progress: bool = True,
     ) -> None:
         if not splits.query or not splits.gallery:
@@ -123,10 +169,21 @@ class Evaluator:
             for name, samples in (("query", self.query), ("gallery", self.gallery))
         }
         self.device, self.amp_dtype = device, amp_dtype
+        self.height, self.width = height, width
         self.flip, self.rerank, self.progress = flip, rerank, progress
+        self.rerank_k1, self.rerank_k2, self.rerank_lambda = rerank_k1, rerank_k2, rerank_lambda
 
     def rank_metrics(self, model: nn.Module) -> RankMetrics:
         """Rank metrics of `model` (moved to the evaluator's device beforehand)."""
+        return self.evaluate(model).metrics
+
+    def evaluate(
+        self, model: nn.Module, *, keep_dist: bool = False, cross_camera: bool = False
+    ) -> EvaluationResult:
+        """Features, metrics and, when asked, the [Q, G] distances and the per-camera breakdown.
+
+        Asking for the distances or the breakdown never changes the metrics.
+        """
         query, gallery = (
             extraction.extract_features(
                 model,
@@ -141,14 +198,26 @@ class Evaluator:
         )
         labels = (_ids(self.query, "pid"), _ids(self.gallery, "pid"))
         cams = (_ids(self.query, "camid"), _ids(self.gallery, "camid"))
+        dist: np.ndarray | None = None
         if self.rerank:
             from dualref import distances
 
-            dist = distances.reranked_distance(query, gallery, k1=20, k2=6, lambda_value=0.3)
-            return evaluation.rank_metrics(dist, labels[0], labels[1], cams[0], cams[1])
-        return evaluation.rank_metrics_from_features(
-            query, gallery, labels[0], labels[1], cams[0], cams[1], device=self.device
-        )
+            dist = distances.reranked_distance(
+                query, gallery, k1=self.rerank_k1, k2=self.rerank_k2, lambda_value=self.rerank_lambda
+            )
+            metrics = evaluation.rank_metrics(dist, labels[0], labels[1], cams[0], cams[1])
+        else:
+            # Chunk by chunk on the device, with no [Q, G] matrix; one is made only to be kept.
+            metrics = evaluation.rank_metrics_from_features(
+                query, gallery, labels[0], labels[1], cams[0], cams[1], device=self.device
+            )
+            if keep_dist or cross_camera:
+                dist = evaluation.sqeuclidean_distance(query, gallery)
+        breakdown = None
+        if cross_camera:
+            assert dist is not None
+            breakdown = evaluation.cross_camera_map(dist, labels[0], labels[1], cams[0], cams[1])
+        return EvaluationResult(metrics, query, gallery, dist if keep_dist else None, breakdown)
 
     def record(self, model: nn.Module) -> dict[str, Any]:
         """`metrics_record` of `model`, with the data set's name and the evaluation's wall time."""
@@ -186,6 +255,65 @@ def format_table(metrics: RankMetrics) -> str:
     return f"{header}\n{values} {row['num_valid_queries']:>14d}"
 
 
+def checkpoint_evaluator(
+    checkpoint_path: str | Path,
+    dataset: str,
+    root: str | Path,
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    flip: bool = False,
+    rerank: bool = False,
+    rerank_k1: int = 20,
+    rerank_k2: int = 6,
+    rerank_lambda: float = 0.3,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+) -> tuple[ReidNet, Evaluator, dict[str, Any]]:
+    """A saved model (on `device`, eval mode), the evaluation of a data set at its input size, its state.
+
+    Arguments as :func:`evaluate_checkpoint`.
+    """
+    model, state = load_model(checkpoint_path)
+    if height is None or width is None:
+        try:
+            stored = input_size(state)
+        except ValueError as err:
+            raise ValueError(f"{checkpoint_path}: {err}") from None
+        height, width = height or stored[0], width or stored[1]
+    evaluator = Evaluator(
+        datasets.load_dataset(dataset, root),
+        height=height,
+        width=width,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        flip=flip,
+        rerank=rerank,
+        rerank_k1=rerank_k1,
+        rerank_k2=rerank_k2,
+        rerank_lambda=rerank_lambda,
+        progress=progress,
+    )
+    return model.to(device), evaluator, state
+
+
+def format_cross_camera(breakdown: evaluation.CrossCameraMAP) -> str:
+    """mAP in percent per query camera (rows; "all" = the whole gallery) and gallery camera (columns)."""
+    cells = [f"{c:>6d}" for c in breakdown.gallery_cameras]
+    lines = [
+        "mAP % by camera (rows: query camid, columns: gallery camid; - = no query with a match there)",
+        f"{'camid':>5} {'queries':>7} {'all':>6} " + " ".join(cells),
+    ]
+    for i, camera in enumerate(breakdown.query_cameras):
+        values = [breakdown.per_query_camera[i], *breakdown.per_pair[i]]
+        text = " ".join("     -" if np.isnan(v) else f"{100 * v:6.1f}" for v in values)
+        lines.append(f"{camera:>5d} {breakdown.num_queries[i]:>7d} {text}")
+    return "\n".join(lines)
+
+
 def evaluate_checkpoint(
     checkpoint_path: str | Path,
     dataset: str,
@@ -196,6 +324,9 @@ def evaluate_checkpoint(
     num_workers: int = 2,
     flip: bool = False,
     rerank: bool = False,
+    rerank_k1: int = 20,
+    rerank_k2: int = 6,
+    rerank_lambda: float = 0.3,
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
@@ -209,23 +340,169 @@ def evaluate_checkpoint(
         device: where to run the model.
         batch_size, num_workers: of the extraction loaders.
         flip: average features with horizontally flipped images.
-        rerank: k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3).
+        rerank: k-reciprocal re-ranking with rerank_k1, rerank_k2, rerank_lambda (defaults 20, 6, 0.3).
         height, width: input size; default the checkpoint's training size.
         progress: progress bar.
 
     Returns:
         The metrics.
     """
-    model, state = load_model(checkpoint_path)
-    evaluator = Evaluator(
-        datasets.load_dataset(dataset, root),
-        height=height or int(state["height"]),
-        width=width or int(state["width"]),
+    model, evaluator, _ = checkpoint_evaluator(
+        checkpoint_path,
+        dataset,
+        root,
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
         flip=flip,
         rerank=rerank,
+        rerank_k1=rerank_k1,
+        rerank_k2=rerank_k2,
+        rerank_lambda=rerank_lambda,
+        height=height,
+        width=width,
         progress=progress,
     )
-    return evaluator.rank_metrics(model.to(device))
+    return evaluator.rank_metrics(model)
+
+
+# What FeatureExtractor accepts as one image.
+ImageInput = str | Path | Image.Image | np.ndarray | Tensor
+
+
+class FeatureExtractor:
+    """L2-normalised features of images, from any dualref checkpoint (like torchreid's FeatureExtractor).
+
+    The checkpoint holds the architecture, input size and normalisation, so nothing is repeated here.
+    Preprocessing and forward are the evaluation path's: a file gives the same row as
+    `extraction.extract_features` over `loaders.test_loader` of that file.
+
+    Accepted inputs, one or a list (mixed kinds allowed):
+        - a path (str or Path) of an image file;
+        - a PIL image (converted to RGB);
+        - a numpy ``[H, W, 3]`` uint8 RGB array, or ``[B, H, W, 3]`` for several;
+        - a uint8 tensor ``[3, H, W]`` / ``[B, 3, H, W]``: RGB pixels, preprocessed like a file;
+        - a float tensor ``[3, H, W]`` / ``[B, 3, H, W]``: already preprocessed (normalised, at the
+          checkpoint's input size), used as is.
+
+    Args:
+        checkpoint: checkpoint.pt of `dualref pretrain` or `dualref adapt`.
+        device: "cpu", "cuda", "cuda:N" or "auto".
+        flip: average each feature with its horizontally flipped image's (then re-normalise).
+        batch_size: images per forward pass.
+        height, width: input size; default the checkpoint's.
+        amp_dtype: autocast dtype on CUDA (torch.bfloat16 / torch.float16), None for float32.
+
+    Example::
+
+        extractor = FeatureExtractor("runs/demo/dual_refinement/checkpoint.pt")
+        features = extractor(["a.jpg", "b.jpg"])  # [2, D], rows of unit length
+        similarity = features @ features.T
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        flip: bool = False,
+        batch_size: int = 64,
+        height: int | None = None,
+        width: int | None = None,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}; expected >= 1")
+        model, state = load_model(checkpoint)
+        try:
+            stored = input_size(state) if height is None or width is None else (height, width)
+            self.mean, self.std = normalization(state)
+        except ValueError as err:
+            raise ValueError(f"{checkpoint}: {err}") from None
+        self.height, self.width = height or stored[0], width or stored[1]
+        self.device = training.resolve_device(str(device), key="device")
+        self.model = model.to(self.device)
+        self.feat_dim: int = model.feat_dim
+        self.flip, self.batch_size, self.amp_dtype = flip, batch_size, amp_dtype
+        self.checkpoint_kind = str(state.get("kind"))
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+        """``[N, D]`` float32 CPU features, one L2-normalised row per image, in input order."""
+        items = self._items(images)
+        if not items:
+            raise ValueError("no images given; expected a path, PIL image, array, tensor or a list of them")
+        features = extraction.extract_features(
+            self.model,
+            self._batches(items),
+            self.device,
+            flip=self.flip,
+            progress=False,
+            amp_dtype=self.amp_dtype,
+        )
+        if features.shape[0] != len(items):  # extract_features cannot count an iterator's rows
+            raise ValueError(f"{features.shape[0]} features for {len(items)} images")
+        return features
+
+    def preprocess(self, image: ImageInput) -> Tensor:
+        """One image as the network's input: ``[3, height, width]`` float32, normalised."""
+        if isinstance(image, Tensor) and image.is_floating_point():
+            if tuple(image.shape) != (3, self.height, self.width):
+                raise ValueError(
+                    f"float tensor of shape {tuple(image.shape)}: expected an already preprocessed "
+                    f"[3, {self.height}, {self.width}] image (or pass uint8 pixels to be resized)"
+                )
+            return image.float()
+        pixels = np.asarray(self._pil(image), dtype=np.uint8)  # [H, W, 3] at the input size
+        tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return tensor.sub_(mean).div_(std)  # the operations of transforms.normalise_batch, in order
+
+    def _pil(self, image: ImageInput) -> Image.Image:
+        """The RGB PIL image at the input size (bicubic, as `loaders.read_image` resizes)."""
+        size = (self.height, self.width)
+        if isinstance(image, str | Path):
+            return loaders.read_image(Path(image), size)
+        if isinstance(image, Image.Image):
+            pil = image.convert("RGB")
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(
+                    f"numpy image of shape {image.shape} and dtype {image.dtype}: expected [H, W, 3] uint8"
+                )
+            pil = Image.fromarray(image, "RGB")
+        elif isinstance(image, Tensor):
+            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    f"tensor image of shape {tuple(image.shape)} and dtype {image.dtype}: expected "
+                    "[3, H, W] uint8 RGB pixels or an already preprocessed float tensor"
+                )
+            pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), "RGB")
+        else:
+            raise ValueError(
+                f"cannot read an image from a {type(image).__name__}; expected a path, PIL image, "
+                "numpy [H, W, 3] uint8 array or tensor"
+            )
+        if pil.size != (self.width, self.height):
+            pil = pil.resize((self.width, self.height), Image.Resampling.BICUBIC)
+        return pil
+
+    @staticmethod
+    def _items(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+        """The input as a list of single images (batched arrays and tensors split)."""
+        if isinstance(images, Tensor | np.ndarray) and images.ndim == 4:
+            return list(images)
+        if isinstance(images, str | Path | Image.Image | Tensor | np.ndarray):
+            return [images]
+        items: list[ImageInput] = []
+        for item in images:
+            items.extend(FeatureExtractor._items(item) if isinstance(item, Tensor | np.ndarray) else [item])
+        return items
+
+    def _batches(self, items: list[ImageInput]) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Loader-shaped batches (images, labels, camids, indices) for `extraction.extract_features`."""
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            images = torch.stack([self.preprocess(item) for item in chunk])
+            indices = torch.arange(start, start + len(chunk))
+            yield images, torch.full_like(indices, -1), torch.full_like(indices, -1), indices

@@ -154,7 +154,10 @@ def summary_markdown(
     ]
     final = final_result(epochs)
     if final is None:
-        lines += ["No evaluation was run.", ""]
+        if data.get("target") == "unlabelled":  # no query/gallery: nothing to score, by design
+            lines += ["No evaluation: unlabelled target (no query/gallery to score).", ""]
+        else:
+            lines += ["No evaluation was run.", ""]
     else:
         best = best_on_test(epochs)
         lines += [

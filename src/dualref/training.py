@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from dualref.memory_bank import InPlaceAdam
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("warmup_multistep", "step", "constant")
 # run.amp -> autocast dtype (None: float32).
@@ -80,11 +83,20 @@ def lr_at_epoch(
 
 
 def resolve_device(spec: str, *, key: str = "run.device") -> torch.device:
-    """The torch device named by config `key`, or a ValueError saying why it cannot be used here."""
+    """The torch device named by config `key`, or a ValueError saying why it cannot be used here.
+
+    "auto" is the first CUDA device when one is usable, else the CPU (the paper-scale configs use it, so
+    that the same file runs on a GPU machine and, slowly, on a laptop); the choice is logged.
+    """
+    if spec == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        found = "cuda (a GPU is present)" if device.type == "cuda" else "cpu (no GPU found)"
+        log.info("%s=auto: running on %s", key, found)
+        return device
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"{key}={spec!r} is not a device; expected cpu, cuda or cuda:N") from err
+        raise ValueError(f"{key}={spec!r} is not a device; expected cpu, cuda, cuda:N or auto") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{key}={spec!r} but this machine has no usable CUDA device; use cpu")
@@ -92,7 +104,7 @@ def resolve_device(spec: str, *, key: str = "run.device") -> torch.device:
             visible = torch.cuda.device_count()
             raise ValueError(f"{key}={spec!r} but only {visible} CUDA device(s) are visible")
     elif device.type != "cpu":
-        raise ValueError(f"{key}={spec!r}; expected cpu, cuda or cuda:N")
+        raise ValueError(f"{key}={spec!r}; expected cpu, cuda, cuda:N or auto")
     return device
 
 

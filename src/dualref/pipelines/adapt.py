@@ -80,7 +80,12 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         images = TargetImages(paths=[s.path for s in target.train], camids=[s.camid for s in target.train])
         monitor_pids = _monitoring_pids(target.train)
         model = _build_model(cfg, device)
-        test = common.evaluator(target, cfg.data, cfg.run, device)
+        # An unlabelled target (no query, no gallery) trains all the same, without target scores; one
+        # split without the other is an error of the Evaluator's.
+        labelled = bool(target.query or target.gallery)
+        test = common.evaluator(target, cfg.data, cfg.run, device, cfg.evaluation) if labelled else None
+        if test is None:
+            log.info("target %s has no query/gallery: no target evaluation", target.name)
         if cfg.optim.epochs == 0:  # direct transfer: evaluate the starting model only
             _evaluate_missing(run, test, model, cfg, epoch=0)
             report.write_report(run.path)
@@ -193,19 +198,25 @@ def _epoch_record(
     }
 
 
-def _evaluate_missing(run: runs.Run, test: Any, model: ReidNet, cfg: AdaptConfig, *, epoch: int) -> None:
+def _evaluate_missing(
+    run: runs.Run, test: Any | None, model: ReidNet, cfg: AdaptConfig, *, epoch: int
+) -> None:
     """Evaluate the checkpoint's epoch if its evaluation was due but the run stopped before logging it.
 
     The checkpoint is written before the evaluation, so a run killed during an evaluation resumes after
     that epoch; without this, its record (the result itself, after the last epoch) would be lost. Epoch
-    0 of a direct-transfer run (`optim.epochs = 0`) is evaluated here too.
+    0 of a direct-transfer run (`optim.epochs = 0`) is evaluated here too. No-op without an evaluation.
     """
+    if test is None:
+        return
     due = epoch == cfg.optim.epochs or (epoch > 0 and common.evaluation_due(cfg.run, epoch, cfg.optim.epochs))
     if due and not any(record["epoch"] == epoch for record in runs.read_records(run.path, "eval_target")):
         _evaluate_logged(run, test, model, epoch=epoch)
 
 
-def _evaluate_logged(run: runs.Run, test: Any, model: ReidNet, *, epoch: int) -> None:
+def _evaluate_logged(run: runs.Run, test: Any | None, model: ReidNet, *, epoch: int) -> None:
+    if test is None:  # unlabelled target: nothing to score
+        return
     record = common.evaluate(test, model)
     run.log_metrics(epoch, record, kind="eval_target")
     log.info(

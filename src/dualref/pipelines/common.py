@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dualref import inference, seeding, training
-from dualref.config import DataConfig, ModelConfig, OptimConfig, RunConfig, config_to_dict
+from dualref.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, config_to_dict
 from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits
 from dualref.models.reid_net import ReidNet
@@ -116,9 +116,14 @@ def train_loader(
 
 
 def evaluator(
-    splits: ReidSplits, data: DataConfig, run: RunConfig, device: torch.device
+    splits: ReidSplits,
+    data: DataConfig,
+    run: RunConfig,
+    device: torch.device,
+    options: EvalConfig | None = None,
 ) -> inference.Evaluator:
-    """The query/gallery evaluation of `splits` at the run's input size."""
+    """The query/gallery evaluation of `splits` at the run's input size (`options`: flip, re-ranking)."""
+    options = options or EvalConfig()
     return inference.Evaluator(
         splits,
         height=data.height,
@@ -128,6 +133,11 @@ def evaluator(
         num_workers=data.num_workers,
         cache=data.cache_images,
         amp_dtype=training.AMP_DTYPES[run.amp],
+        flip=options.flip,
+        rerank=options.rerank,
+        rerank_k1=options.rerank_k1,
+        rerank_k2=options.rerank_k2,
+        rerank_lambda=options.rerank_lambda,
         progress=run.progress,
     )
 
