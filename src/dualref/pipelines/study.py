@@ -181,13 +181,14 @@ def run_study(
     if not report_only:
         running: list[tuple[str, subprocess.Popen[bytes], float]] = []
         for row, seed, run_dir in pending:
-            command = _command(row, seed, run_dir)
-            print(("would run: " if dry_run else "starting: ") + " ".join(command), flush=True)
             if dry_run:
+                print("would run: " + " ".join(_command(row, seed, run_dir)), flush=True)
                 continue
             while len(running) >= (parallel or study.parallel):
                 running, done = _wait(running)
                 failed += done
+            command = _command(row, seed, run_dir)  # after the wait: the status may have changed
+            print(f"{time.strftime('%H:%M:%S')} starting: " + " ".join(command), flush=True)
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             with open(run_dir.parent / f"seed_{seed}.out", "ab") as output:
                 process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
