@@ -1,4 +1,4 @@
-"""Memory banks (instant, momentum, mini-batch) and the ECN invariance loss."""
+"""Memory banks (instant, momentum, mini-batch), the ECN invariance loss, and the in-place Adam."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dualref.losses import invariance_loss, spread_out_loss
 from dualref.memory_bank import (
+    InPlaceAdam,
     InstantMemoryBank,
     MomentumMemoryBank,
     build_memory_bank,
@@ -156,3 +157,55 @@ def test_invariance_loss_rejects_bad_inputs() -> None:
         invariance_loss(torch.ones(1, 2), torch.eye(2), torch.tensor([0]), temperature=0.0)
     with pytest.raises(ValueError, match="num_neighbors"):
         invariance_loss(torch.ones(1, 2), torch.eye(2), torch.tensor([0]), num_neighbors=2)
+
+
+def _adam_run(
+    optimizer_cls: type[torch.optim.Adam], steps: int, **kwargs: object
+) -> tuple[list[torch.Tensor], dict[str, object]]:
+    """`steps` Adam steps over a bank-like [N, D] parameter and two small ones (two param groups),
+    with the bank's gradient scaled by 2 after backward as the target step does."""
+    gen = torch.Generator().manual_seed(5)
+    bank = torch.nn.Parameter(F.normalize(torch.randn(300, 16, generator=gen), dim=1))
+    weight = torch.nn.Parameter(torch.randn(16, 16, generator=gen))
+    bias = torch.nn.Parameter(torch.zeros(16))  # zero: weight decay adds nothing, the gradient alone moves it
+    groups = [{"params": [weight, bias]}, {"params": [bank], "lr": 1e-3}]
+    optimizer = optimizer_cls(groups, lr=3.5e-4, betas=(0.9, 0.999), eps=1e-8, **kwargs)  # type: ignore[arg-type]
+    for step in range(steps):
+        features = F.normalize(torch.randn(8, 16, generator=gen) @ weight + bias, dim=1)
+        indices = torch.randint(0, 300, (8,), generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        spread_out_loss(features, bank, indices).backward()
+        assert bank.grad is not None
+        bank.grad.mul_(2.0)  # steps.scale_bank_gradient
+        if step == 2:
+            bias.grad = None  # a parameter without gradient this step is left alone
+        optimizer.step()
+    return [p.detach().clone() for p in (bank, weight, bias)], optimizer.state_dict()
+
+
+@pytest.mark.parametrize("weight_decay", [5e-4, 0.0])
+def test_in_place_adam_is_bit_identical_to_torch_adam(weight_decay: float) -> None:
+    ours, our_state = _adam_run(InPlaceAdam, 6, weight_decay=weight_decay)
+    theirs, their_state = _adam_run(torch.optim.Adam, 6, weight_decay=weight_decay)
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
+    # Same state (moments and step counts), so checkpoints of one resume the other.
+    assert our_state["param_groups"] == their_state["param_groups"]
+    for index, reference_state in their_state["state"].items():  # type: ignore[attr-defined]
+        for key, value in reference_state.items():
+            mine = our_state["state"][index][key]  # type: ignore[index]
+            assert mine.dtype == value.dtype
+            torch.testing.assert_close(mine, value, rtol=0, atol=0)
+
+
+def test_in_place_adam_leaves_the_gradient_and_falls_back_to_torch() -> None:
+    param = torch.nn.Parameter(torch.ones(3, 2))
+    optimizer = InPlaceAdam([param], lr=0.1, weight_decay=0.5)
+    param.grad = torch.full((3, 2), 0.25)
+    optimizer.step()
+    assert torch.equal(param.grad, torch.full((3, 2), 0.25))
+    # Options outside the in-place path (here amsgrad) take torch's own step: the same numbers.
+    ours, _ = _adam_run(InPlaceAdam, 3, weight_decay=5e-4, amsgrad=True)
+    theirs, _ = _adam_run(torch.optim.Adam, 3, weight_decay=5e-4, amsgrad=True)
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)

@@ -192,6 +192,42 @@ def check_finite(loss: Tensor, *, epoch: int, iteration: int) -> None:
         raise NonFiniteLossError(float(loss.detach().float().sum()), epoch=epoch, iteration=iteration)
 
 
+# A re-ID training loss is of order 1-10: far above, or far above where the epoch started, the training
+# diverges (typically a too-high learning rate) long before the loss overflows to inf.
+EXPLODING_LOSS = 1e6
+EXPLODING_GROWTH = 1e3
+
+
+class DivergenceWatch:
+    """Warns (once per epoch) when the loss explodes while still finite: above `EXPLODING_LOSS`, or
+    `EXPLODING_GROWTH` times the epoch's first loss."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.first: float | None = None
+        self.warned = False
+
+    def observe(self, loss: Tensor, iteration: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.warned:
+            return
+        value = float(loss.detach().float())
+        if self.first is None:
+            self.first = value
+        grown = self.first > 0 and value > max(EXPLODING_GROWTH * self.first, 1.0)
+        if value > EXPLODING_LOSS or grown:
+            self.warned = True
+            lr = optimizer.param_groups[0]["lr"]
+            log.warning(
+                "loss %.3g at epoch %d iteration %d (the epoch started at %.3g): the training is "
+                "diverging; lower optim.lr (this epoch: %.3g)",
+                value,
+                self.epoch,
+                iteration,
+                self.first,
+                lr,
+            )
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """Autocast to `amp_dtype` on CUDA; elsewhere (or with None) a no-op: the run stays in float32."""
     if amp_dtype is None or device.type != "cuda":

@@ -30,14 +30,15 @@ c_b = sigmoid(z_b) / B (times the incoming gradient):
     dL/ds_bj = c_b * (softmax over Neg_b of s_b)_j * [j in Neg_b]
                - c_b * sum_{p in P_b, column(p) = j} (softmax over P_b of -s_b)_p
     dL/df = G v̂  (G = [dL/ds_bj], [B, N]),    dL/dv̂ = G^T f,
-    dL/dv_j = (dL/dv̂_j - v̂_j <dL/dv̂_j, v̂_j>) / |v_j|.
+    dL/dv_j = (dL/dv̂_j - v̂_j <dL/dv̂_j, v̂_j>) / |v_j|     (rows shorter than 1e-12: dL/dv̂_j / 1e-12).
 
-`spread_out_loss` computes them in one custom backward: the [B, N] similarities once, G from the saved
-logsumexps, two matrix products, and the normalisation's backward written in place, instead of the
-autograd graph's half-dozen [N, D] temporaries (each one a fresh 66 MB allocation at Market size,
-which costs more than the arithmetic on a CPU). It performs autograd's own operations in autograd's
-order, so its loss and gradients equal those of `spread_out_loss_autograd` (the plain formulation,
-kept as the reference) bit for bit on the CPU; tests check them to float32 rounding.
+`spread_out_loss` computes them in one custom backward: G from the saved [B, N] similarities and
+logsumexps, the two matrix products, and the normalisation's backward block of rows by block of rows,
+written into the forward's [N, D] buffer of v̂, which becomes the bank's gradient. The autograd graph
+instead makes half a dozen fresh [N, D] tensors (66 MB each at Market size, whose page faults cost
+more than the arithmetic on a CPU). It performs autograd's own operations in autograd's order, so its
+loss and gradients equal those of `spread_out_loss_autograd` (the plain formulation, kept as the
+reference) bit for bit on the CPU; tests check them to float32 rounding.
 """
 
 from __future__ import annotations
@@ -117,31 +118,63 @@ def similarity_gradient(
 def normalize_backward_(grad_unit: Tensor, bank: Tensor, unit: Tensor, norm: Tensor, denom: Tensor) -> Tensor:
     """dL/dv from dL/dv̂ for v̂ = v / max(|v|, eps), in place: (dL/dv̂ - v̂ <dL/dv̂, v̂>) / |v| per row.
 
+    (dL/dv̂ / eps for a row shorter than eps: the clamp passes no gradient to |v|.)
+
     Autograd's arithmetic for ``F.normalize`` (the division's two backwards, the norm's backward,
-    their sum), written into `grad_unit` and `unit` instead of fresh [N, D] tensors. `unit` is
-    overwritten on the way and restored before returning, so a second backward (retain_graph) sees it
-    unchanged.
+    their sum), written into `unit` and `grad_unit` instead of fresh tensors.
 
     Args:
-        grad_unit: [N, D] dL/dv̂; overwritten with the result.
-        bank: [N, D] raw rows v.
-        unit: [N, D] v / denom, as the forward computed it; used as scratch, then restored.
-        norm: [N, 1] |v|.
-        denom: [N, 1] max(|v|, eps).
+        grad_unit: [R, D] dL/dv̂ of R rows; overwritten (scratch).
+        bank: [R, D] raw rows v.
+        unit: [R, D] v / denom, as the forward computed it; overwritten with the result.
+        norm: [R, 1] |v|.
+        denom: [R, 1] max(|v|, eps).
 
     Returns:
-        `grad_unit`, now dL/dv [N, D].
+        `unit`, now dL/dv [R, D].
     """
     # Through the denominator: -sum_d dL/dv̂ * v / denom^2, zero where the clamp was active.
-    radial = unit.div_(denom).mul_(grad_unit).sum(1, keepdim=True).neg_()  # [N, 1]
+    radial = unit.div_(denom).mul_(grad_unit).sum(1, keepdim=True).neg_()  # [R, 1]
     radial = torch.where(norm >= NORM_EPS, radial, torch.zeros((), dtype=radial.dtype, device=radial.device))
-    # Through |v|: radial * v / |v| (0 for an all-zero row).
-    torch.div(bank, norm, out=unit)
-    if bool((norm == 0).any()):
-        unit.masked_fill_(norm == 0, 0)
-    grad_bank = grad_unit.div_(denom).add_(unit.mul_(radial))
-    torch.div(bank, denom, out=unit)
-    return grad_bank
+    # Through |v|: radial * v / |v|. Autograd divides by |v|; where radial is not zero |v| = denom, and
+    # elsewhere dividing by denom avoids 0 / 0 on an all-zero row.
+    torch.div(bank, denom, out=unit).mul_(radial)
+    return unit.add_(grad_unit.div_(denom))
+
+
+def bank_gradient_(
+    grad_sim: Tensor,
+    features: Tensor,
+    bank: Tensor,
+    unit: Tensor,
+    norm: Tensor,
+    denom: Tensor,
+    block_rows: int = 1024,
+) -> Tensor:
+    """dL/dv = `normalize_backward_`(G^T f), block of rows by block of rows, written into `unit`.
+
+    Each row of G^T f is its own dot products over the batch, so row blocks give the same bits as the
+    whole product (checked at Market size), but need only a [block_rows, D] scratch instead of a fresh
+    [N, D] tensor, and each block's passes run in cache.
+
+    Args:
+        grad_sim: [B, N] G = dL/ds.
+        features: [B, D] f.
+        bank: [N, D] raw rows v.
+        unit: [N, D] v / denom from the forward; overwritten with the result.
+        norm: [N, 1] |v|; denom: [N, 1] max(|v|, eps).
+        block_rows: rows per block.
+
+    Returns:
+        `unit`, now dL/dv [N, D].
+    """
+    num_rows = bank.shape[0]
+    scratch = unit.new_empty(min(block_rows, num_rows), unit.shape[1])
+    for start in range(0, num_rows, block_rows):
+        rows = slice(start, min(start + block_rows, num_rows))
+        grad_unit = torch.mm(grad_sim.t()[rows], features, out=scratch[: rows.stop - start])  # dL/dv̂
+        normalize_backward_(grad_unit, bank[rows], unit[rows], norm[rows], denom[rows])
+    return unit
 
 
 class _SpreadOut(torch.autograd.Function):
@@ -171,7 +204,7 @@ class _SpreadOut(torch.autograd.Function):
             features, bank, norm, denom, masked_sim, log_negatives, neg_positive_sim, log_positives, z
         )
         ctx.pairs = pairs
-        ctx.unit = unit  # not saved: the backward uses it as scratch (and restores it)
+        ctx.unit = unit  # not saved for backward: the backward writes the bank's gradient into it
         return F.softplus(z).mean()
 
     @staticmethod
@@ -179,17 +212,23 @@ class _SpreadOut(torch.autograd.Function):
         features, bank, norm, denom, masked_sim, log_negatives, neg_positive_sim, log_positives, z = (
             ctx.saved_tensors
         )
-        unit: Tensor = ctx.unit
+        # The forward's v̂, consumed here (it becomes the bank's gradient); a second backward through
+        # the graph (retain_graph, as the gradient diagnostics do) recomputes it, with the same
+        # operation and so the same bits.
+        unit: Tensor = ctx.unit if ctx.unit is not None else bank / denom
+        ctx.unit = None
         with torch.autocast(device_type=grad_loss.device.type, enabled=False):
+            # The mean's and softplus's (beta 1, threshold 20) backwards, as autograd computes them.
             grad_z = torch.ops.aten.softplus_backward(grad_loss.expand(z.shape) / z.numel(), z, 1, 20)
             grad_sim = similarity_gradient(
                 grad_z, masked_sim, log_negatives, neg_positive_sim, log_positives, ctx.pairs
             )
             grad_features = grad_sim.mm(unit) if ctx.needs_input_grad[0] else None
-            grad_bank = None
-            if ctx.needs_input_grad[1]:
-                grad_unit = grad_sim.t().mm(features)  # [N, D]
-                grad_bank = normalize_backward_(grad_unit, bank, unit, norm, denom)
+            grad_bank = (
+                bank_gradient_(grad_sim, features, bank, unit, norm, denom)
+                if ctx.needs_input_grad[1]
+                else None
+            )
         return grad_features, grad_bank, None, None, None, None
 
 
