@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from dualref import report
 from dualref.checkpoint import load_checkpoint
 from dualref.config import AdaptConfig, load_config
-from dualref.data import synthetic
+from dualref.data import loaders, synthetic
 
 # The options of the tiny set-up; every test adds its own overrides after them.
 TINY_OVERRIDES = (
@@ -57,14 +58,24 @@ def tiny_config(target_root: Path, run_dir: Path, *overrides: str) -> AdaptConfi
 
 @contextlib.contextmanager
 def quiet_pipeline() -> Iterator[pytest.MonkeyPatch]:
-    """One torch thread, and no end-of-run plots (they come after the training and cost a second a run).
+    """One torch thread, no end-of-run plots (they come after the training and cost a second a run), and each
+    image file decoded once per context (the runs decode the same few hundred files again and again).
 
     Yields a MonkeyPatch undone on exit, for further recorders (module-scoped fixtures use it).
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    real_read = loaders.read_image
+    decoded: dict[tuple[Path, tuple[int, int] | None], Image.Image] = {}
+
+    def read_once(path: Path, size: tuple[int, int] | None = None) -> Image.Image:
+        if (path, size) not in decoded:
+            decoded[path, size] = real_read(path, size)
+        return decoded[path, size]
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(report, "write_report", lambda path: None)
+        patch.setattr(loaders, "read_image", read_once)
         yield patch
     torch.set_num_threads(previous)
 
