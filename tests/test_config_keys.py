@@ -70,6 +70,8 @@ ROWS = [
     Row("loss.bank_grad_scale", "2.0", False, "null already means 1/lambda = 2 at lambda 0.5"),
     Row("loss.spread_rampup_epochs", "2", True, "mu at epoch 0 is 0.1 min(1, 0/2) = 0"),
     Row("loss.bank_refresh", "true", True, "the bank re-initialised from the epoch-1 features", epochs=2),
+    Row("loss.bank_weight_decay", "0.0", True, "no L2 decay on the bank: only the loss moves it"),
+    Row("loss.bank_weight_decay", "0.0005", False, "the same decay as optim.weight_decay, in its own group"),
     # clustering.*: the off-line stage
     Row("clustering.k1", "6", True, "smaller k-reciprocal sets: other Jaccard distances and clusters"),
     Row("clustering.k2", "2", True, "smaller query expansion: other Jaccard distances and clusters"),

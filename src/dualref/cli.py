@@ -7,15 +7,30 @@ lazily so that `dualref --help` stays fast. Config objects stop here and in the 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from dualref import __version__
 
 DEBUG_ENV = "DUALREF_DEBUG"
+ConfigT = TypeVar("ConfigT")
+# OS errors about the user's files and disks, reported in one line with what to do; any other OSError
+# is a fault of the program or the machine and keeps its traceback.
+_OS_ERROR_HINTS = {
+    errno.ELOOP: "a symbolic link loop: fix or remove the link",
+    errno.ENOTDIR: "a file where a folder is expected: choose another path",
+    errno.EISDIR: "a folder where a file is expected: choose another path",
+    errno.EEXIST: "already exists: choose another path",
+    errno.EACCES: "permission denied: choose a path you can write to, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose another path, or fix its permissions",
+    errno.EROFS: "a read-only file system: choose a writable path",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+}
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
@@ -65,20 +80,41 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return args.config
 
 
+def _run_config(cls: type[ConfigT], args: argparse.Namespace, *, other: type, other_command: str) -> ConfigT:
+    """The config of `dualref pretrain|adapt`; resuming the other command's run folder says so."""
+    from dualref.config import load_config
+
+    path = _config_path(args)
+    try:
+        return load_config(cls, path, args.set)
+    except ValueError as err:
+        if args.resume is None or args.config is not None:
+            raise
+        # A run folder of the other command has keys this one does not know: say so, not "unknown key".
+        try:
+            load_config(other, path)
+        except (ValueError, FileNotFoundError):
+            raise err from None
+        raise ValueError(
+            f"{args.resume} is a `dualref {other_command}` run folder; "
+            f"resume it with `dualref {other_command} --resume {args.resume}`"
+        ) from None
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from dualref import config as config_lib
+    from dualref.config import AdaptConfig, PretrainConfig
     from dualref.pipelines import pretrain
 
-    cfg = config_lib.load_config(config_lib.PretrainConfig, _config_path(args), args.set)
+    cfg = _run_config(PretrainConfig, args, other=AdaptConfig, other_command="adapt")
     pretrain.pretrain_on_source(cfg, resume=args.resume)
     return 0
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from dualref import config as config_lib
+    from dualref.config import AdaptConfig, PretrainConfig
     from dualref.pipelines import adapt
 
-    cfg = config_lib.load_config(config_lib.AdaptConfig, _config_path(args), args.set)
+    cfg = _run_config(AdaptConfig, args, other=PretrainConfig, other_command="pretrain")
     adapt.adapt_to_target(cfg, resume=args.resume)
     return 0
 
@@ -386,15 +422,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dualref: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        # An unreadable image (loaders.ImageReadError names it) is bad input too; other OS errors are not.
+        # An unreadable image (loaders.ImageReadError names it), a full disk (io.DiskFullError names
+        # the folder) and the errors of `_OS_ERROR_HINTS` are the user's to fix; other OS errors are not.
+        from dualref import io
         from dualref.data.loaders import ImageReadError  # loaded by whatever raised it: no cost here
 
-        if not isinstance(err, ImageReadError):
+        if isinstance(err, ImageReadError):
+            skip = "--set data.skip_unreadable=true / --skip-unreadable"
+            message = f"{err} (to skip unreadable images with a warning: {skip})"
+        elif isinstance(err, io.DiskFullError):
+            message = str(err)
+        elif io.disk_full_cause(err) is not None:
+            where = os.path.dirname(os.path.abspath(err.filename)) if err.filename else "the output folder"
+            message = f"no space left on {where}; free space there, then run the command again"
+        elif err.errno in _OS_ERROR_HINTS:
+            names = " -> ".join(str(n) for n in (err.filename, err.filename2) if n is not None)
+            message = f"{names or 'a path'}: {_OS_ERROR_HINTS[err.errno]}"
+        else:
             raise
         if debug:
             traceback.print_exc()
-        hint = "to skip unreadable images with a warning: --set data.skip_unreadable=true / --skip-unreadable"
-        print(f"dualref: error: {err} ({hint})", file=sys.stderr)
+        print(f"dualref: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dualref: interrupted", file=sys.stderr)

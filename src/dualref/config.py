@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ import yaml
 from dualref import io
 
 # Choices owned by the modules that implement them; the config only validates against them.
+from dualref.data.datasets import DATASET_NAMES
 from dualref.losses.spread_out import VARIANTS as SPREAD_VARIANTS
 from dualref.models.backbone import ARCHS
 from dualref.training import AMP_DTYPES, SCHEDULES
@@ -34,6 +36,11 @@ from dualref.training import AMP_DTYPES, SCHEDULES
 TRIPLET_FEATURES = ("pooled", "bn_normalized")
 MEMORY_KINDS = ("instant", "traditional", "minibatch")
 MEMORY_LOSSES = ("spread_out", "invariance")
+# Memory of one training batch, estimated from its pixels so that an absurd input size is refused here
+# rather than by the kernel's OOM killer: ResNet-50 in float32 keeps about 4 KB per input pixel for the
+# backward pass (8.6 GB for the reference's 64 x 256 x 128), the other trunks less.
+TRAIN_BYTES_PER_PIXEL = 4096
+MAX_BATCH_BYTES = 256 * 2**30  # more than any single accelerator or workstation holds
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -42,9 +49,16 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # NaN passes every comparison: test finiteness first (optim.lr=nan used to train on NaN).
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value!r} is not valid; expected {bound}")
+        raise ValueError(f"{name}={value!r} is not valid; expected a finite number {bound}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    """A factor in (0, 1]; NaN fails the comparison and is refused too."""
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}={value!r} is not valid; expected 0 < value <= 1")
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class DataConfig:
     skip_unreadable: bool = False  # drop unreadable images at load time (logged) instead of failing
 
     def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, DATASET_NAMES)
+        _check_choice("data.target", self.target, DATASET_NAMES)
         for name in ("height", "width", "batch_size", "num_instances", "test_batch_size"):
             _check_positive(f"data.{name}", getattr(self, name))
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
@@ -74,8 +90,23 @@ class DataConfig:
                 f"data.batch_size={self.batch_size} is not a multiple of "
                 f"data.num_instances={self.num_instances}"
             )
+        if self.batch_size // self.num_instances < 2:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} holds a single identity of data.num_instances="
+                f"{self.num_instances} images; the triplet loss needs at least 2 identities per batch: "
+                "expected data.batch_size >= 2 x data.num_instances"
+            )
         if not 0.0 <= self.random_erasing_prob <= 1.0:
             raise ValueError(f"data.random_erasing_prob={self.random_erasing_prob!r}; expected 0..1")
+        needed = self.batch_size * self.height * self.width * TRAIN_BYTES_PER_PIXEL
+        if needed > MAX_BATCH_BYTES:
+            raise ValueError(
+                f"data.height={self.height} x data.width={self.width} with data.batch_size="
+                f"{self.batch_size} needs about {needed / 2**30:,.0f} GiB for one training batch "
+                f"(~{TRAIN_BYTES_PER_PIXEL // 1024} KB per input pixel); expected at most "
+                f"{MAX_BATCH_BYTES // 2**30} GiB: lower data.height / data.width (reference 256 x 128) "
+                "or data.batch_size"
+            )
 
 
 @dataclass(frozen=True)
@@ -122,8 +153,13 @@ class OptimConfig:
         _check_positive("optim.epochs", self.epochs, allow_zero=True)
         _check_positive("optim.iters_per_epoch", self.iters_per_epoch)
         _check_choice("optim.schedule", self.schedule, SCHEDULES)
-        if list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"optim.milestones={self.milestones!r}; expected increasing epochs")
+        _check_positive("optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        _check_positive("optim.lr_decay_epochs", self.lr_decay_epochs)
+        # A factor <= 0 makes the learning rate negative or zero: gradient ascent, or no training.
+        _check_fraction("optim.warmup_factor", self.warmup_factor)
+        _check_fraction("optim.gamma", self.gamma)
+        if list(self.milestones) != sorted(self.milestones) or any(m < 0 for m in self.milestones):
+            raise ValueError(f"optim.milestones={self.milestones!r}; expected increasing epochs >= 0")
 
 
 @dataclass(frozen=True)
@@ -153,9 +189,10 @@ class ClusteringConfig:
         if not 0.0 < self.max_cluster_share <= 1.0:
             share = self.max_cluster_share
             raise ValueError(f"clustering.max_cluster_share={share!r}; expected 0 < share <= 1")
-        if self.dbscan_eps is not None and not 0.0 < self.dbscan_eps <= 1.0:
+        # Strictly below 1: absent pairs of the sparse Jaccard graph are at distance 1 (clustering.py).
+        if self.dbscan_eps is not None and not 0.0 < self.dbscan_eps < 1.0:
             raise ValueError(
-                f"clustering.dbscan_eps={self.dbscan_eps!r}; expected 0 < eps <= 1 (Jaccard) or null"
+                f"clustering.dbscan_eps={self.dbscan_eps!r}; expected 0 < eps < 1 (Jaccard) or null"
             )
 
 
@@ -191,12 +228,23 @@ class LossConfig:
     # Re-initialise the instant bank from every epoch's extracted features (reference: only at epoch 0,
     # so with few iterations the bank stays near the source model's features).
     bank_refresh: bool = False
+    # L2 weight decay of the instant bank in Adam; null = optim.weight_decay (reference). Adam normalises
+    # each entry's step, so where the decay term outweighs the bank's tiny loss gradient (~1e-6 per
+    # entry) every entry steps ~lr towards 0: the rows shrink (norm ~0.15 after 200 steps, measured) and
+    # their direction drifts with the decay, not the loss. 0 lets only the loss move the bank.
+    bank_weight_decay: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "spread_weight", "label_smoothing", "spread_margin"):
             _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
         if not 0.0 <= self.refined_weight <= 1.0:
             raise ValueError(f"loss.refined_weight={self.refined_weight!r}; expected 0..1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing={self.label_smoothing!r}; expected 0 <= epsilon < 1")
+        if self.triplet_margin is not None:
+            _check_positive("loss.triplet_margin", self.triplet_margin, allow_zero=True)
+        _check_positive("loss.invariance_temperature", self.invariance_temperature)
+        _check_positive("loss.invariance_num_neighbors", self.invariance_num_neighbors, allow_zero=True)
         _check_positive("loss.spread_num_neighbors", self.spread_num_neighbors)
         _check_choice("loss.triplet_feature", self.triplet_feature, TRIPLET_FEATURES)
         _check_choice("loss.spread_variant", self.spread_variant, SPREAD_VARIANTS)
@@ -208,6 +256,8 @@ class LossConfig:
         _check_positive("loss.spread_rampup_epochs", self.spread_rampup_epochs, allow_zero=True)
         if self.bank_grad_scale is not None:
             _check_positive("loss.bank_grad_scale", self.bank_grad_scale)
+        if self.bank_weight_decay is not None:
+            _check_positive("loss.bank_weight_decay", self.bank_weight_decay, allow_zero=True)
 
     def bank_gradient_scale(self) -> float:
         """The instant bank's gradient multiplier: `bank_grad_scale`, or the reference's 1/ce_weight."""
@@ -240,6 +290,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("run.amp", self.amp, tuple(AMP_DTYPES))
+        _check_positive("run.seed", self.seed, allow_zero=True)
         _check_positive("run.diagnostics_every", self.diagnostics_every, allow_zero=True)
         _check_positive("run.eval_every", self.eval_every, allow_zero=True)
         _check_positive("run.threads", self.threads, allow_zero=True)
@@ -429,7 +480,14 @@ def _apply_override(tree: dict[str, Any], item: str, cls: type) -> None:
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(annotation):
                 raise ValueError(f"override {key!r} names a section; set one of its fields")
-            node[part] = yaml.safe_load(raw) if raw.strip() else raw
+            try:
+                node[part] = yaml.safe_load(raw) if raw.strip() else raw
+            except yaml.YAMLError as err:
+                problem = str(getattr(err, "problem", None) or err).strip()
+                raise ValueError(
+                    f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote or fix it, "
+                    "e.g. --set optim.milestones=[40,70]"
+                ) from None
         else:
             if not dataclasses.is_dataclass(annotation):
                 raise ValueError(f"override {key!r}: {prefix or part!r} is not a section")

@@ -9,14 +9,73 @@ umask 022), like any `open(path, "w")`: readable by others, unlike `tempfile.mks
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_bytes", "write_json", "write_text"]
+__all__ = [
+    "DiskFullError",
+    "atomic_write",
+    "disk_full_cause",
+    "remove_stale_temporaries",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
+
+# The temporary of `atomic_write`: ".NAME.<8 hex>.tmp" beside NAME.
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """No space left on the device of `folder`; the message names the folder and the file being written."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on {folder} (writing {name}); free space there, then run the command again "
+            "(a training run continues with --resume RUN_DIR; the files it had written are intact)",
+        )
+        self.folder = folder
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_full_cause(err: BaseException) -> OSError | None:
+    """The "no space left" OSError behind `err`, if any.
+
+    torch.save reports a failed write as a RuntimeError of its C++ writer ("inline_container.cc");
+    the OSError of the Python handle is only its context, so the chain is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries of `atomic_write` left in `folder` by a killed process; returns them.
+
+    Only call it while no other process writes into `folder` (a run folder is locked: `runs.open_run`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if _TEMPORARY.match(p.name) and p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:
@@ -33,7 +92,8 @@ def atomic_write(path: str | Path, *, binary: bool = True) -> Iterator[IO[Any]]:
 
     The data is flushed and fsynced before the rename, and the folder entry after it (where the
     platform allows), so the new file survives a power cut once the block returns. On any error the
-    temporary file is removed and `path` keeps its previous content.
+    temporary file is removed and `path` keeps its previous content; a full disk is raised as
+    `DiskFullError`, which names the folder.
 
     Args:
         path: destination file; its folder is created if needed.
@@ -53,8 +113,10 @@ def atomic_write(path: str | Path, *, binary: bool = True) -> Iterator[IO[Any]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, DiskFullError) and disk_full_cause(err) is not None:
+            raise DiskFullError(path.parent, path.name) from err
         raise
     _fsync_folder(path.parent)
 

@@ -21,6 +21,20 @@ from dualref.timing import timed
 EPS_SHRINK = 0.95
 MAX_EPS_STEPS = 80
 
+# Label-free signs of a degenerate clustering (`degenerate_clustering`). No identity of a re-ID training
+# set holds even 1 % of its images (Market-1501's largest: ~0.6 %), so a cluster of a fifth of them has
+# swallowed many identities; with most images outliers, little of the target trains.
+LARGEST_SHARE_WARNING = 0.2
+OUTLIER_SHARE_WARNING = 0.8
+GIANT_CLUSTER_HINT = (
+    "Lower clustering.dbscan_eps (with a fixed eps) or cap the rho rule with clustering.max_cluster_share "
+    "(e.g. 0.01), lower clustering.dbscan_rho, or raise clustering.min_samples"
+)
+OUTLIER_HINT = (
+    "Raise clustering.dbscan_eps (with a fixed eps) or clustering.dbscan_rho (the rho rule), or lower "
+    "clustering.min_samples"
+)
+
 
 @dataclass(frozen=True)
 class PseudoLabels:
@@ -130,6 +144,48 @@ def cluster_profile(coarse: np.ndarray, *, num_instances: int) -> dict[str, floa
         "median_cluster_size": float(np.median(sizes)) if sizes.size else 0.0,
         "clusters_below_k": int((sizes < num_instances).sum()),
     }
+
+
+def degenerate_clustering(
+    profile: dict[str, float | int], *, identities_per_batch: int, fixed_eps: bool
+) -> list[str]:
+    """Warnings, with the numbers and the config key to change, when a clustering looks degenerate.
+
+    Label-free: reads only `cluster_profile`'s figures. Empty for a healthy clustering.
+
+    Args:
+        profile: `cluster_profile` of the epoch's coarse labels.
+        identities_per_batch: P of the P x K sampler (data.batch_size / data.num_instances).
+        fixed_eps: eps is `clustering.dbscan_eps` (else the rho rule), to name the key that sets it.
+    """
+    smaller = (
+        "lower clustering.dbscan_eps"
+        if fixed_eps
+        else "cap the rho rule with clustering.max_cluster_share (e.g. 0.01), or lower clustering.dbscan_rho"
+    )
+    numbers = (
+        f"{profile['num_clusters']} clusters, largest {profile['largest_cluster_share']:.1%} of the images, "
+        f"outliers {profile['outlier_share']:.1%}"
+    )
+    warnings = []
+    if profile["largest_cluster_share"] > LARGEST_SHARE_WARNING:
+        warnings.append(
+            f"degenerate clustering ({numbers}): one cluster holds more than "
+            f"{LARGEST_SHARE_WARNING:.0%} of the images, many identities chained together: {smaller}"
+        )
+    if profile["outlier_share"] > OUTLIER_SHARE_WARNING:
+        warnings.append(
+            f"degenerate clustering ({numbers}): more than {OUTLIER_SHARE_WARNING:.0%} of the images are "
+            f"outliers and never train. {OUTLIER_HINT}"
+        )
+    if profile["num_clusters"] < identities_per_batch:
+        warnings.append(
+            f"degenerate clustering ({numbers}): fewer clusters than the {identities_per_batch} identities "
+            "of a P x K batch (data.batch_size / data.num_instances), so every batch repeats clusters; "
+            "see the cluster and outlier shares (clustering.dbscan_eps / clustering.dbscan_rho, "
+            "clustering.min_samples), or lower data.batch_size"
+        )
+    return warnings
 
 
 def label_record(labels: PseudoLabels, *, num_instances: int) -> dict[str, float | int]:

@@ -127,9 +127,11 @@ def run_epoch(
         # In a log file (nohup) a bar line every 30 s is enough; on a terminal refresh normally.
         mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
+    divergence = training.DivergenceWatch(epoch)
     for iteration, batch in enumerate(bar):
         result = step(batch, iteration)
         training.check_finite(result.total, epoch=epoch, iteration=iteration)
+        divergence.observe(result.total, iteration, optimizer)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(result.total).backward()

@@ -76,6 +76,19 @@ def test_every_problem_is_reported_and_the_exit_status_is_1(tmp_path: Path) -> N
     assert "unreadable" not in text and status == 1
 
 
+def test_entries_the_loader_skips_are_warnings(tmp_path: Path) -> None:
+    write_market(tmp_path)
+    Image.new("RGB", (16, 32)).save(tmp_path / "query" / "0001_c2s1_05.png")
+    (tmp_path / "query" / "linked").symlink_to(tmp_path / "bounding_box_train")
+    status, text = report(tmp_path)
+    assert status == 0  # the data set itself is fine
+    warnings = [ln for ln in text.splitlines() if ln.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path / 'query' / '0001_c2s1_05.png'}: not read: this layout reads .jpg images only",
+        f"warning: {tmp_path / 'query' / 'linked'}: not read: a symbolic link to a folder",
+    ]
+
+
 def test_empty_split_is_an_error_and_cli_exit_codes(tmp_path: Path) -> None:
     write_market(tmp_path)
     for f in (tmp_path / "query").iterdir():

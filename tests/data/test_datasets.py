@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,37 @@ def test_folder_numeric_subfolders_keep_their_pid(tmp_path: Path) -> None:
     assert splits.query == [] and splits.gallery == []
     with pytest.raises(FileNotFoundError, match=r"bounding_box_train/, query/, bounding_box_test/"):
         datasets.load_dataset("folder", tmp_path / "bounding_box_train" / "0017")
+
+
+def test_folder_never_follows_linked_folders_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 13 row 7: links to folders used to become extra identities (a loop: the split itself).
+    train = tmp_path / "bounding_box_train"
+    touch(train / "alice", "a_c1.jpg", "b_c2.jpg")
+    (train / "alice_again").symlink_to(train / "alice")  # would duplicate alice's images
+    (train / "loop").symlink_to(train)  # a link back to the split folder
+    (train / "alice" / "self.jpg").symlink_to(train / "alice" / "self.jpg")  # a link to itself
+    with caplog.at_level(logging.WARNING, logger="dualref"):
+        splits = datasets.load_dataset("folder", tmp_path)
+    assert triples(splits.train) == [("a_c1.jpg", 0, 0), ("b_c2.jpg", 0, 1)]
+    report = datasets.load_dataset_report("folder", tmp_path)
+    assert [(p.path.name, p.reason) for p in report.ignored] == [
+        ("self.jpg", "not read: Too many levels of symbolic links"),
+        ("alice_again", "not read: a symbolic link to a folder"),
+        ("loop", "not read: a symbolic link to a folder"),
+    ]
+    assert f"3 entries of folder at {tmp_path} are not read" in caplog.text
+
+
+def test_market_reports_the_png_files_it_does_not_read(
+    market: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    touch(market / "query", "0002_c3s1_000302_00.png")
+    with caplog.at_level(logging.WARNING, logger="dualref"):
+        splits = datasets.load_dataset("market1501", market)
+    assert len(splits.query) == 2  # still .jpg only, as the data set is distributed
+    assert "0002_c3s1_000302_00.png: not read: this layout reads .jpg images only" in caplog.text
 
 
 def test_unlabelled_with_and_without_camera_pattern(tmp_path: Path) -> None:

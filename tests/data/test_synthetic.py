@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dualref import cli
 from dualref.data import synthetic
 from dualref.data.synthetic import SyntheticConfig
 
@@ -171,13 +172,28 @@ def test_existing_complete_tree_is_reused_and_stale_tree_replaced(tmp_path: Path
     stamp = some_file.stat().st_mtime_ns
     assert synthetic.write_domain(tmp_path, TINY, seed=0) == root
     assert some_file.stat().st_mtime_ns == stamp  # same seed and config: nothing rewritten
-    # A tree without its marker (e.g. copied by hand, or from an older crash) is regenerated.
-    (root / synthetic.MARKER_NAME).unlink()
+    # A tree of an older generator (its marker differs) is regenerated.
+    (root / synthetic.MARKER_NAME).write_text('{"generator_version": 0}\n')
     (root / "query" / "junk.txt").write_text("stale")
     synthetic.write_domain(tmp_path, TINY, seed=0)
     assert not (root / "query" / "junk.txt").exists()
     assert (root / synthetic.MARKER_NAME).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temporary folders left
+
+
+def test_a_folder_the_generator_did_not_write_is_never_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 13 row 6: `dualref data synth DIR` used to delete a DIR/synth_a it had not made.
+    mine = tmp_path / "synth_a"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own data")
+    with pytest.raises(ValueError, match=r"synth_a exists and was not written by `dualref data synth`"):
+        synthetic.write_domain(tmp_path, dataclasses.replace(TINY, name="synth_a"), seed=0)
+    assert cli.main(["data", "synth", str(tmp_path)]) == 2
+    assert "holds no SYNTHETIC.json" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "my own data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_a"]  # synth_b not written either
 
 
 def test_crash_leaves_no_tree_that_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,8 @@
 
 Errors (exit status 1): an image that cannot be read or decoded, a file name or list line that does
 not parse, an empty split, query identities absent from the gallery. Warnings (exit status unchanged):
-queries whose only gallery matches share their camera, which the evaluation protocol skips.
+queries whose only gallery matches share their camera, which the evaluation protocol skips; entries the
+loader does not read (links to folders, broken links, .png files where the layout reads .jpg only).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def check_dataset(root: str | Path, *, dataset: str, verify_images: bool = True)
     for name, samples in splits.items():
         if not samples and not (dataset == "unlabelled" and name != "train"):
             errors.append(f"split {name} is empty")
-    warnings: list[str] = []
+    warnings = [f"{p.path}: {p.reason}" for p in report.ignored]
     if dataset != "unlabelled":
         errors += _query_gallery_errors(report.splits.query, report.splits.gallery, warnings)
     paths = [s.path for samples in splits.values() for s in samples]

@@ -112,6 +112,9 @@ class LoadReport:
     root: Path  # the resolved data set folder
     num_junk: dict[str, int] = field(default_factory=dict)  # split name -> junk images (pid -1) dropped
     problems: list[ParseProblem] = field(default_factory=list)  # names or list lines that do not parse
+    # Entries deliberately not read: symbolic links to folders (a link to an identity folder would make
+    # a duplicate identity, a loop an endless one), broken links, image types the layout does not read.
+    ignored: list[ParseProblem] = field(default_factory=list)
 
 
 def load_dataset(name: str, root: str | Path, *, strict: bool = True) -> ReidSplits:
@@ -131,6 +134,18 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = True) -> ReidSpl
         FileNotFoundError: the data set folder or one of its required parts is missing.
     """
     report = load_dataset_report(name, root)
+    if report.ignored:
+        shown = "; ".join(f"{p.path}: {p.reason}" for p in report.ignored[:3])
+        log.warning(
+            "%d entries of %s at %s are not read, e.g. %s; run `dualref data check %s --dataset %s` for "
+            "the full list",
+            len(report.ignored),
+            name,
+            report.root,
+            shown,
+            root,
+            name,
+        )
     if report.problems:
         shown = "; ".join(f"{p.path}: {p.reason}" for p in report.problems[:3])
         message = (
@@ -155,6 +170,11 @@ def load_dataset_report(name: str, root: str | Path) -> LoadReport:
     if name not in parsers:
         raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASET_NAMES)}")
     root = Path(root).expanduser()
+    if root.is_symlink() and not root.exists():
+        raise FileNotFoundError(
+            f"data set folder {root} is a symbolic link that leads nowhere (broken, or a loop; data set "
+            f"{name!r}): point it at the data set folder"
+        )
     if not root.is_dir():
         raise FileNotFoundError(f"data set folder {root} does not exist (data set {name!r})")
     return parsers[name](root.absolute())
@@ -179,16 +199,43 @@ def resolve_root(name: str, root: Path) -> Path:
     )
 
 
-def _list_images(folder: Path, extensions: Iterable[str] = (".jpg",)) -> list[Path]:
-    """Image files directly inside ``folder`` (not recursive), sorted."""
+@dataclass
+class _Scan:
+    """The entries of one folder (not recursive), each list sorted."""
+
+    images: list[Path] = field(default_factory=list)  # files with a wanted extension (links to files too)
+    folders: list[Path] = field(default_factory=list)  # real sub-folders, never links
+    ignored: list[ParseProblem] = field(default_factory=list)  # see `LoadReport.ignored`
+
+
+def _scan(folder: Path, extensions: Iterable[str] = (".jpg",)) -> _Scan:
+    """Image files and sub-folders directly inside ``folder``; links to folders and broken links are
+    ignored and reported, as are image files of another type than ``extensions``."""
     wanted = {e.lower() for e in extensions}
+    scan = _Scan()
     with os.scandir(folder) as entries:
-        found = [
-            Path(e.path)
-            for e in entries
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in wanted
-        ]
-    return sorted(found)
+        for entry in entries:
+            path, suffix = Path(entry.path), os.path.splitext(entry.name)[1].lower()
+            try:
+                is_file, is_dir = entry.is_file(), entry.is_dir()
+            except OSError as err:  # e.g. a link to itself: "too many levels of symbolic links"
+                scan.ignored.append(ParseProblem(path, f"not read: {err.strerror or err}"))
+                continue
+            if is_dir and entry.is_symlink():
+                scan.ignored.append(ParseProblem(path, "not read: a symbolic link to a folder"))
+            elif is_dir:
+                scan.folders.append(path)
+            elif not is_file and entry.is_symlink():
+                scan.ignored.append(ParseProblem(path, "not read: a broken symbolic link"))
+            elif is_file and suffix in wanted:
+                scan.images.append(path)
+            elif is_file and suffix in IMAGE_EXTENSIONS:
+                expected = ", ".join(sorted(wanted))
+                scan.ignored.append(ParseProblem(path, f"not read: this layout reads {expected} images only"))
+    scan.images.sort()
+    scan.folders.sort()
+    scan.ignored.sort(key=lambda p: p.path)
+    return scan
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -202,11 +249,14 @@ def _load_market_like(name: str, root: Path, num_cameras: int) -> LoadReport:
     splits: dict[str, list[Sample]] = {}
     num_junk: dict[str, int] = {}
     problems: list[ParseProblem] = []
+    ignored: list[ParseProblem] = []
     for split, sub in MARKET_FOLDERS.items():
         folder = _require_dir(root / sub, f"the {split} images of {name}")
         samples: list[Sample] = []
         junk = 0
-        for path in _list_images(folder):
+        scan = _scan(folder)
+        ignored += scan.ignored
+        for path in scan.images:
             match = _PID_CAM.match(path.name)
             if match is None:
                 problems.append(ParseProblem(path, "name does not match PID_cCAM_*.jpg"))
@@ -223,9 +273,8 @@ def _load_market_like(name: str, root: Path, num_cameras: int) -> LoadReport:
             samples.append(Sample(path, pid, cam - 1))
         splits[split] = samples
         num_junk[split] = junk
-    return LoadReport(
-        ReidSplits(name, splits["train"], splits["query"], splits["gallery"]), root, num_junk, problems
-    )
+    found = ReidSplits(name, splits["train"], splits["query"], splits["gallery"])
+    return LoadReport(found, root, num_junk, problems, ignored)
 
 
 def _load_market1501(root: Path) -> LoadReport:
@@ -315,11 +364,14 @@ def _load_folder(root: Path) -> LoadReport:
             "bounding_box_test/ holding PID_cCAM_*.jpg images or one sub-folder per identity"
         )
     problems: list[ParseProblem] = []
+    ignored: list[ParseProblem] = []
     num_junk = {s: 0 for s in SPLIT_NAMES}
     # Raw entries: (path, pid or identity-folder name, raw camera number)
     raw: dict[str, list[tuple[Path, int | str, int]]] = {s: [] for s in SPLIT_NAMES}
     for split, folder in present.items():
-        for path in _list_images(folder, IMAGE_EXTENSIONS):
+        scan = _scan(folder, IMAGE_EXTENSIONS)
+        ignored += scan.ignored
+        for path in scan.images:
             match = _PID_CAM.match(path.name)
             if match is None:
                 problems.append(
@@ -331,8 +383,10 @@ def _load_folder(root: Path) -> LoadReport:
                 problems.append(ParseProblem(path, f"negative pid {match.group(1)}"))
             else:
                 raw[split].append((path, int(match.group(1)), int(match.group(2))))
-        for identity in sorted(p for p in folder.iterdir() if p.is_dir()):
-            for path in _list_images(identity, IMAGE_EXTENSIONS):
+        for identity in scan.folders:
+            inside = _scan(identity, IMAGE_EXTENSIONS)
+            ignored += inside.ignored
+            for path in inside.images:
                 raw[split].append((path, identity.name, _camera_number(path.name)))
     folder_names = {pid for entries in raw.values() for _, pid, _ in entries if isinstance(pid, str)}
     if all(name.isdigit() for name in folder_names):
@@ -348,21 +402,35 @@ def _load_folder(root: Path) -> LoadReport:
         )
         for s in SPLIT_NAMES
     )
-    return LoadReport(ReidSplits("folder", train, query, gallery), root, num_junk, problems)
+    ignored.sort(key=lambda p: p.path)
+    return LoadReport(ReidSplits("folder", train, query, gallery), root, num_junk, problems, ignored)
 
 
 def _load_unlabelled(root: Path) -> LoadReport:
-    paths = [
-        Path(dirpath) / name
-        for dirpath, _, names in os.walk(root)
-        for name in names
-        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-    ]
+    paths: list[Path] = []
+    ignored: list[ParseProblem] = []
+    for dirpath, folders, names in os.walk(root):  # links to folders are listed, never followed
+        ignored += [
+            ParseProblem(Path(dirpath) / d, "not read: a symbolic link to a folder")
+            for d in folders
+            if os.path.islink(os.path.join(dirpath, d))
+        ]
+        for name in names:
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            if os.path.isfile(os.path.join(dirpath, name)):
+                paths.append(Path(dirpath) / name)
+            else:  # a broken link, or a link loop
+                ignored.append(ParseProblem(Path(dirpath) / name, "not read: a broken symbolic link"))
     if not paths:
         raise FileNotFoundError(
             f"no images under {root}; expected files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}"
         )
     samples = _remap_cameras([Sample(p, -1, _camera_number(p.name)) for p in paths])
     return LoadReport(
-        ReidSplits("unlabelled", _by_path(samples), [], []), root, {s: 0 for s in SPLIT_NAMES}, []
+        ReidSplits("unlabelled", _by_path(samples), [], []),
+        root,
+        {s: 0 for s in SPLIT_NAMES},
+        [],
+        sorted(ignored, key=lambda p: p.path),
     )

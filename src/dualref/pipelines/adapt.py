@@ -44,7 +44,7 @@ from dualref import (
     training,
 )
 from dualref.config import AdaptConfig
-from dualref.data import loaders
+from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits, Sample
 from dualref.memory_bank import InstantMemoryBank, MemoryBank, build_memory_bank
 from dualref.models.reid_net import ReidNet, load_trunk_and_neck
@@ -75,13 +75,20 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
     """
     device, amp_dtype = common.start_process(cfg.run)
     cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
-    with runs.open_run(common.run_folder(cfg.run, resume), cfg, resume=resume is not None) as run:
-        target = _load_target(cfg)
+    run_dir = common.run_folder(cfg.run, resume)
+    # Everything that can be checked is checked before the run folder is written, so that a retry into
+    # the same folder starts afresh and a resumed run's config.yaml never takes a bad value.
+    own_checkpoint = resume is not None and common.check_resume(run_dir, "adapt", cfg.model.arch)
+    source = None if own_checkpoint else _source_state(cfg)  # a run's own checkpoint holds the weights
+    target = _parse_target(cfg)
+    with runs.open_run(run_dir, cfg, resume=resume is not None) as run:
+        target = _load_target(cfg, target)
+        log.info("device %s", device)
         images = TargetImages(paths=[s.path for s in target.train], camids=[s.camid for s in target.train])
         monitor_pids = _monitoring_pids(target.train)
-        model = _build_model(cfg, device)
+        model = _build_model(cfg, device, source, resumed=own_checkpoint)
         # An unlabelled target (no query, no gallery) trains all the same, without target scores; one
-        # split without the other is an error of the Evaluator's.
+        # split without the other was refused by `_require_target`.
         labelled = bool(target.query or target.gallery)
         test = common.evaluator(target, cfg.data, cfg.run, device, cfg.evaluation) if labelled else None
         if test is None:
@@ -92,10 +99,13 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
             return run.path
         cluster_loader = common.test_loader(images.paths, cfg.data, device)
         memory = _build_memory(cfg, len(images.paths), model.feat_dim, device)
-        state = _restore(run.checkpoint_path, model, memory, device) if resume is not None else None
+        decay = cfg.loss.bank_weight_decay
+        state = _restore(run.checkpoint_path, model, memory, device, decay) if resume is not None else None
         eps = state.eps if state else None  # None: derived from clustering.* at epoch 0, then fixed
         optimizer = state.optimizer if state else None
         bank_start = state.bank_start if state else None  # rows at the bank's last (re)initialisation
+        if resume is not None:
+            run.discard_records_after(state.epoch if state else 0)
         _evaluate_missing(run, test, model, cfg, epoch=state.epoch if state else 0)
         for epoch in range(state.epoch if state else 0, cfg.optim.epochs):
             seconds: dict[str, float] = {}
@@ -107,7 +117,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
             labels = pseudo_labels.compute_pseudo_labels(
                 features, cfg.clustering, eps=eps, refine=refine, seed=cfg.run.seed, device=cluster_device
             )
-            _check_clusters(labels, epoch, fixed_eps=cfg.clustering.dbscan_eps is not None)
+            _check_clusters(labels, epoch, cfg)
             eps = labels.eps
             if memory is not None and (epoch == 0 or cfg.loss.bank_refresh):
                 memory.init_from(features)  # the reference: once, from the source model's features
@@ -153,11 +163,47 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         return run.path
 
 
-def _load_target(cfg: AdaptConfig) -> ReidSplits:
-    data = cfg.data
-    target = common.load_splits(data.target, data.target_root, skip_unreadable=data.skip_unreadable)
-    if not target.train:
-        raise ValueError(f"target data set {data.target_root!r} has no training images")
+def _parse_target(cfg: AdaptConfig) -> ReidSplits:
+    """The target's splits, parsed (no image opened) and checked before the run folder is written."""
+    target = datasets.load_dataset(cfg.data.target, cfg.data.target_root)
+    _require_target(target)
+    return target
+
+
+def _require_target(target: ReidSplits) -> None:
+    common.require_splits(target, "target", "data.target_root", {"train": "adaptation"})
+    if bool(target.query) != bool(target.gallery):  # both: scored; neither: an unlabelled target
+        scoring = "the target evaluation (a query split needs a gallery and vice versa)"
+        common.require_splits(target, "target", "data.target_root", {"query": scoring, "gallery": scoring})
+
+
+def _source_state(cfg: AdaptConfig) -> dict[str, Any] | None:
+    """The checked `source_checkpoint` (kind, trunk), or None without one."""
+    if cfg.source_checkpoint is None:
+        return None
+    path = Path(cfg.source_checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"source_checkpoint={cfg.source_checkpoint!r} does not exist; expected the checkpoint.pt of a "
+            "`dualref pretrain` run (or null to start from model.pretrained)"
+        )
+    source = checkpoint.load_checkpoint(path)
+    if source.get("kind") not in ("pretrain", "adapt"):
+        raise ValueError(
+            f"source_checkpoint {path} is a {source.get('kind')!r} checkpoint; expected one written by "
+            "`dualref pretrain` or `dualref adapt`"
+        )
+    if source.get("arch", cfg.model.arch) != cfg.model.arch:
+        raise ValueError(
+            f"source checkpoint {path} holds arch {source['arch']!r} but "
+            f"model.arch={cfg.model.arch!r}; set model.arch={source['arch']}"
+        )
+    return source
+
+
+def _load_target(cfg: AdaptConfig, target: ReidSplits) -> ReidSplits:
+    target = common.without_unreadable(target, skip_unreadable=cfg.data.skip_unreadable)
+    _require_target(target)  # again: dropping unreadable images may empty a split
     log.info(
         "target %s: %d training images (unlabelled use), %d query, %d gallery",
         target.name,
@@ -249,13 +295,31 @@ def _monitoring_record(
     return record
 
 
-def _check_clusters(labels: pseudo_labels.PseudoLabels, epoch: int, *, fixed_eps: bool) -> None:
+def _check_clusters(labels: pseudo_labels.PseudoLabels, epoch: int, cfg: AdaptConfig) -> None:
+    """Stop when no training batch can be formed; warn when the clustering degenerates (label-free)."""
+    settings = cfg.clustering
+    fixed_eps = settings.dbscan_eps is not None
     if labels.num_clusters < 1:
         key = "raise clustering.dbscan_eps" if fixed_eps else "raise clustering.dbscan_rho"
+        if not fixed_eps and settings.max_cluster_share < 1.0:
+            key += " or clustering.max_cluster_share"
         raise ValueError(
             f"DBSCAN found no cluster at epoch {epoch} (all {labels.coarse.size} images are outliers at eps "
-            f"{labels.eps:.4f}); expected at least one: {key} or lower clustering.min_samples"
+            f"{labels.eps:.4f}); expected at least one: {key}, or lower clustering.min_samples"
         )
+    profile = pseudo_labels.cluster_profile(labels.coarse, num_instances=cfg.data.num_instances)
+    if labels.num_clusters < 2:  # every batch would hold one label: the triplet loss needs two
+        raise ValueError(
+            f"DBSCAN put the target into a single cluster at epoch {epoch} (it holds "
+            f"{profile['largest_cluster_share']:.1%} of the {labels.coarse.size} images, eps "
+            f"{labels.eps:.4f}); no training batch can be formed: a P x K batch needs at least 2 "
+            f"clusters for the triplet loss. {pseudo_labels.GIANT_CLUSTER_HINT}"
+        )
+    per_batch = cfg.data.batch_size // cfg.data.num_instances
+    for warning in pseudo_labels.degenerate_clustering(
+        profile, identities_per_batch=per_batch, fixed_eps=fixed_eps
+    ):
+        log.warning("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs, warning)
 
 
 def _epoch_summary(record: dict[str, Any]) -> str:
@@ -275,22 +339,22 @@ def _epoch_summary(record: dict[str, Any]) -> str:
     return " | ".join([*parts, stages])
 
 
-def _build_model(cfg: AdaptConfig, device: torch.device) -> ReidNet:
-    """The network to adapt: the source checkpoint's trunk and neck (its classifier is dropped)."""
-    if cfg.source_checkpoint is None:
+def _build_model(
+    cfg: AdaptConfig, device: torch.device, source: dict[str, Any] | None, *, resumed: bool
+) -> ReidNet:
+    """The network to adapt: the source checkpoint's trunk and neck (its classifier is dropped).
+
+    `source` is `_source_state`'s. `resumed`: the run's own checkpoint replaces these weights, so
+    neither the source checkpoint nor model.pretrained is read (the source may be gone by now).
+    """
+    if cfg.source_checkpoint is None and not resumed:
         log.warning("no source_checkpoint: adapting from model.pretrained=%s", cfg.model.pretrained)
-    pretrained = cfg.model.pretrained if cfg.source_checkpoint is None else None
+    pretrained = cfg.model.pretrained if cfg.source_checkpoint is None and not resumed else None
     # One class for now: resized to the number of clusters every epoch.
     model = common.build_model(
         cfg.model, 1, pretrained=pretrained, device=torch.device("cpu"), channels_last=False
     )
-    if cfg.source_checkpoint is not None:
-        source = checkpoint.load_checkpoint(cfg.source_checkpoint)
-        if source.get("arch", cfg.model.arch) != cfg.model.arch:
-            raise ValueError(
-                f"source checkpoint {cfg.source_checkpoint} holds arch {source['arch']!r} but "
-                f"model.arch={cfg.model.arch!r}; set model.arch={source['arch']}"
-            )
+    if source is not None:
         load_trunk_and_neck(model, source["model"])
         log.info("started from source checkpoint %s", cfg.source_checkpoint)
     model = model.to(device)
@@ -328,11 +392,14 @@ def _train_loader(
     return loader
 
 
-def _trainable(model: ReidNet, memory: MemoryBank | None) -> list[torch.nn.Parameter]:
-    params = list(model.parameters())
-    if isinstance(memory, InstantMemoryBank):
-        params.append(memory.weight)
-    return params
+def _trainable(model: ReidNet, memory: MemoryBank | None, bank_weight_decay: float | None) -> list[Any]:
+    """The optimizer's parameters: the network's, and the instant bank (its own decay when set)."""
+    params: list[Any] = list(model.parameters())
+    if not isinstance(memory, InstantMemoryBank):
+        return params
+    if bank_weight_decay is None:  # one group, as the reference
+        return [*params, memory.weight]
+    return [{"params": params}, {"params": [memory.weight], "weight_decay": bank_weight_decay}]
 
 
 def _build_optimizer(
@@ -348,7 +415,8 @@ def _build_optimizer(
     With `optim.reset_each_epoch=False` the moments of every parameter that survives the epoch change
     (all but the re-created classifier) are carried over.
     """
-    optimizer = training.build_adam(_trainable(model, memory), lr=lr, weight_decay=cfg.optim.weight_decay)
+    params = _trainable(model, memory, cfg.loss.bank_weight_decay)
+    optimizer = training.build_adam(params, lr=lr, weight_decay=cfg.optim.weight_decay)
     if previous is not None and not cfg.optim.reset_each_epoch:
         kept = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for param, param_state in previous.state.items():
@@ -392,7 +460,11 @@ def _save(
 
 
 def _restore(
-    path: Path, model: ReidNet, memory: MemoryBank | None, device: torch.device
+    path: Path,
+    model: ReidNet,
+    memory: MemoryBank | None,
+    device: torch.device,
+    bank_weight_decay: float | None,
 ) -> _ResumeState | None:
     """Load a resumed run's state into `model` and `memory`; None when it stopped before any epoch ended."""
     if not path.is_file():
@@ -412,7 +484,8 @@ def _restore(
         memory.load_state_dict(state["memory"])
     optimizer = None
     if state["optimizer"] is not None:
-        optimizer = training.build_adam(_trainable(model, memory), lr=0.0, weight_decay=0.0)
+        params = _trainable(model, memory, bank_weight_decay)
+        optimizer = training.build_adam(params, lr=0.0, weight_decay=0.0)
         optimizer.load_state_dict(state["optimizer"])
     seeding.set_rng_state(state["rng"])
     log.info("resumed after epoch %d (eps %.4f)", state["epoch"], state["eps"])

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dualref import inference, seeding, training
+from dualref import checkpoint, inference, runs, seeding, training
 from dualref.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, config_to_dict
 from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits
@@ -39,7 +39,49 @@ def run_folder(run: RunConfig, resume: str | Path | None) -> Path:
 
 def load_splits(name: str, root: str, *, skip_unreadable: bool) -> ReidSplits:
     """A data set's splits; unreadable images dropped (and logged) when asked to."""
-    splits = datasets.load_dataset(name, root)
+    return without_unreadable(datasets.load_dataset(name, root), skip_unreadable=skip_unreadable)
+
+
+def require_splits(splits: ReidSplits, role: str, root_key: str, needed: dict[str, str]) -> None:
+    """Refuse empty splits before anything is trained or written, naming the split and who needs it.
+
+    Args:
+        splits: the parsed data set.
+        role: "source" or "target", for the message.
+        root_key: the config key of its folder (e.g. "data.source_root").
+        needed: split name ("train", "query", "gallery") -> what needs it (e.g. "the source evaluation").
+    """
+    for split, purpose in needed.items():
+        if not getattr(splits, split):
+            raise ValueError(
+                f"the {split} split of the {role} data set {splits.name!r} ({root_key}) is empty; "
+                f"{purpose} needs it: check the folder with `dualref data check`"
+            )
+
+
+def check_resume(run_dir: Path, kind: str, arch: str) -> bool:
+    """Whether `run_dir` holds a checkpoint to resume from; refuses one of another command or trunk.
+
+    Called before the run folder is opened, so that a wrong `--resume` writes nothing into it.
+    """
+    path = run_dir / runs.CHECKPOINT_FILE
+    if not path.is_file():
+        return False
+    state = checkpoint.load_checkpoint(path)
+    if state.get("kind") != kind:
+        raise ValueError(
+            f"{path} is a {state.get('kind')!r} checkpoint, not a {kind!r} one: {run_dir} is a "
+            f"`dualref {state.get('kind')}` run; resume it with that command"
+        )
+    if state.get("arch", arch) != arch:
+        raise ValueError(
+            f"{path} holds arch {state['arch']!r} but model.arch={arch!r}; set model.arch={state['arch']}"
+        )
+    return True
+
+
+def without_unreadable(splits: ReidSplits, *, skip_unreadable: bool) -> ReidSplits:
+    """The splits without the images that do not decode (each logged), when asked to."""
     if not skip_unreadable:
         return splits
     return dataclasses.replace(

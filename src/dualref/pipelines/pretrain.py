@@ -19,8 +19,8 @@ from typing import Any
 
 from dualref import checkpoint, io, runs, seeding, steps, training
 from dualref.config import PretrainConfig
-from dualref.data import loaders
-from dualref.data.records import relabel_pids
+from dualref.data import datasets, loaders
+from dualref.data.records import ReidSplits, relabel_pids
 from dualref.pipelines import common
 
 RESULTS_FILE = "results.json"
@@ -43,12 +43,19 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
     _check_pretrain_loss(cfg)
     started = time.perf_counter()
     data = cfg.data
-    with runs.open_run(common.run_folder(cfg.run, resume), cfg, resume=resume is not None) as run:
-        device, amp_dtype = common.start_process(cfg.run)
-        source = common.load_splits(data.source, data.source_root, skip_unreadable=data.skip_unreadable)
-        target = None
-        if cfg.forward_target_batches or cfg.evaluate_target:
-            target = common.load_splits(data.target, data.target_root, skip_unreadable=data.skip_unreadable)
+    run_dir = common.run_folder(cfg.run, resume)
+    # Everything that can be checked is checked before the run folder is written, so that a retry into
+    # the same folder starts afresh and a resumed run's config.yaml never takes a bad value.
+    if resume is not None:
+        common.check_resume(run_dir, "pretrain", cfg.model.arch)
+    device, amp_dtype = common.start_process(cfg.run)
+    source, target = _parse_data(cfg)
+    with runs.open_run(run_dir, cfg, resume=resume is not None) as run:
+        source = common.without_unreadable(source, skip_unreadable=data.skip_unreadable)
+        if target is not None:
+            target = common.without_unreadable(target, skip_unreadable=data.skip_unreadable)
+        _require_data(cfg, source, target)  # again: dropping unreadable images may empty a split
+        log.info("device %s", device)
         labels = relabel_pids(source.train)
         log.info("source %s: %d images of %d identities", source.name, len(labels), max(labels) + 1)
         model = common.build_model(
@@ -88,6 +95,8 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         start_epoch, best_map = 0, -1.0
         if run.resumed and run.checkpoint_path.is_file():
             start_epoch, best_map = _restore(run.checkpoint_path, model, optimizer)
+        if run.resumed:
+            run.discard_records_after(start_epoch)
         source_test = common.evaluator(source, data, cfg.run, device)
         source_record: dict[str, Any] | None = None
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -135,18 +144,18 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                 is_best = source_record["mAP"] > best_map
                 best_map = max(best_map, source_record["mAP"])
             state = _state(cfg, model, optimizer, done, best_map, source.name)
+            if is_best:  # first: a kill before checkpoint.pt reruns this epoch, which writes it again
+                selected = f"best source test mAP ({source.name}), epoch {done}"
+                checkpoint.save_checkpoint(run.path / BEST_FILE, {**state, "selected_by": selected})
             checkpoint.save_checkpoint(run.checkpoint_path, state)
-            if is_best:
-                state["selected_by"] = f"best source test mAP ({source.name}), epoch {done}"
-                checkpoint.save_checkpoint(run.path / BEST_FILE, state)
 
         done = max(start_epoch, cfg.optim.epochs)
         if not run.checkpoint_path.is_file():  # 0 epochs: keep the initial model for `evaluate`
             checkpoint.save_checkpoint(
                 run.checkpoint_path, _state(cfg, model, optimizer, 0, best_map, source.name)
             )
-        if source_record is None:  # 0 epochs, or a finished run resumed
-            source_record = _evaluate_logged(run, source_test, model, done, "eval_source")
+        if source_record is None:  # 0 epochs, or a run resumed after its last epoch
+            source_record = _logged_or_evaluated(run, source_test, model, done, "eval_source")
         results: dict[str, Any] = {
             "kind": "pretrain",
             "reported": "last epoch (model_best.pt = best source mAP, for reference only)",
@@ -155,11 +164,51 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         }
         if cfg.evaluate_target and target is not None:
             target_test = common.evaluator(target, data, cfg.run, device)
-            results["direct_transfer"] = _evaluate_logged(run, target_test, model, done, "direct_transfer")
+            transfer = _logged_or_evaluated(run, target_test, model, done, "direct_transfer")
+            results["direct_transfer"] = transfer
         results["wall_seconds"] = round(time.perf_counter() - started, 1)
         io.write_json(run.path / RESULTS_FILE, results)
         log.info("results written to %s", run.path / RESULTS_FILE)
         return run.path
+
+
+def _parse_data(cfg: PretrainConfig) -> tuple[ReidSplits, ReidSplits | None]:
+    """The source (and target) splits, parsed and checked for what the run needs (no image opened)."""
+    data = cfg.data
+    if data.source == "unlabelled":
+        raise ValueError(
+            "data.source='unlabelled' has no identities to train on; expected a labelled data set "
+            f"({', '.join(n for n in datasets.DATASET_NAMES if n != 'unlabelled')})"
+        )
+    source = datasets.load_dataset(data.source, data.source_root)
+    target = None
+    if cfg.forward_target_batches or cfg.evaluate_target:
+        target = datasets.load_dataset(data.target, data.target_root)
+    _require_data(cfg, source, target)
+    return source, target
+
+
+def _require_data(cfg: PretrainConfig, source: ReidSplits, target: ReidSplits | None) -> None:
+    evaluation = "the source evaluation"
+    needed = {"train": "source training", "query": evaluation, "gallery": evaluation}
+    common.require_splits(source, "source", "data.source_root", needed)
+    if target is None:
+        return
+    target_needs: dict[str, str] = {}
+    if cfg.forward_target_batches:
+        target_needs["train"] = "forward_target_batches (BatchNorm statistics; false turns it off)"
+    if cfg.evaluate_target:
+        transfer = "the direct-transfer evaluation (evaluate_target; false turns it off)"
+        target_needs |= {"query": transfer, "gallery": transfer}
+    common.require_splits(target, "target", "data.target_root", target_needs)
+
+
+def _logged_or_evaluated(run: runs.Run, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:
+    """The `kind` record of `epoch` that a killed process already logged, else a new evaluation."""
+    for record in runs.read_records(run.path, kind):
+        if record["epoch"] == epoch:
+            return {k: v for k, v in record.items() if k not in ("epoch", "kind", "time")}
+    return _evaluate_logged(run, test, model, epoch, kind)
 
 
 def _evaluate_logged(run: runs.Run, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:

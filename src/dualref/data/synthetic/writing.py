@@ -31,11 +31,21 @@ def _is_complete(path: Path, marker: dict[str, object]) -> bool:
         return False
 
 
+def _check_replaceable(final: Path) -> None:
+    """Refuse to replace a folder (or file, or link) that a generator did not write: it has no marker."""
+    if os.path.lexists(final) and not (final / MARKER_NAME).is_file():
+        raise ValueError(
+            f"{final} exists and was not written by `dualref data synth` (it holds no {MARKER_NAME}); "
+            "it is left untouched: move it away or choose another output folder"
+        )
+
+
 def write_domain(out: str | Path, config: SyntheticConfig, seed: int = 0) -> Path:
     """Render one domain and write it as a Market-1501 tree ``<out>/<config.name>``.
 
     The tree is written into a temporary sibling folder and renamed into place, with ``SYNTHETIC.json``
-    written last; an existing tree with the same generator version, seed and config is reused as is.
+    written last; an existing tree with the same generator version, seed and config is reused as is,
+    another generated tree (older version, other seed) is replaced, and anything else is refused.
 
     Args:
         out: parent folder (created if needed).
@@ -50,6 +60,7 @@ def write_domain(out: str | Path, config: SyntheticConfig, seed: int = 0) -> Pat
     marker = _marker(config, seed)
     if _is_complete(final, marker):
         return final
+    _check_replaceable(final)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{config.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -91,4 +102,8 @@ def write_domain_pair(out: str | Path, *, seed: int = 0, scale: float = 1.0) -> 
     Returns:
         (source folder, target folder), each readable by ``load_dataset("market1501", folder)``.
     """
-    return write_domain(out, domain_a_config(scale), seed), write_domain(out, domain_b_config(scale), seed)
+    configs = domain_a_config(scale), domain_b_config(scale)
+    for config in configs:  # both before writing either: never half a pair next to a refusal
+        if not _is_complete(Path(out) / config.name, _marker(config, seed)):
+            _check_replaceable(Path(out) / config.name)
+    return write_domain(out, configs[0], seed), write_domain(out, configs[1], seed)
