@@ -22,8 +22,8 @@ k-th and (k+1)-th similarities are exactly equal (so that membership of the top-
 tie) is recomputed on its own and ordered by a stable sort, so the lower index wins. Similarities
 are those of the float32 matrix product; the reference's dense argsort breaks ties arbitrarily.
 
-Size: one module (~680 lines) because k-NN, the k-reciprocal sets, the sparse Jaccard and re-ranking
-share the blocked-similarity and tie-handling helpers; splitting it would spread one algorithm over files.
+Size: over 400 lines because k-NN, the k-reciprocal sets, the sparse Jaccard and re-ranking share the
+blocked-similarity and tie-handling helpers; splitting it would spread one algorithm over files.
 """
 
 from __future__ import annotations

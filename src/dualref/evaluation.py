@@ -24,8 +24,8 @@ distance in its sorted row; ties with other entries are settled exactly by count
 ranked before a match are subtracted. Everything is vectorised over the chunk; there is no Python loop
 over queries. The same code runs on CPU tensors, NumPy arrays and CUDA tensors.
 
-Size: ~560 lines, one protocol: the chunked metrics, the per-camera breakdown (`cross_camera_map`), their
-input checks and the record types belong together.
+Size: over 400 lines, one protocol: the chunked metrics, the cross-camera breakdown, their input checks
+and record types belong together.
 """
 
 from __future__ import annotations

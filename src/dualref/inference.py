@@ -8,6 +8,9 @@ gallery pids are read here, for measurement only.
 `FeatureExtractor` embeds images given as files, PIL images, arrays or tensors with any checkpoint, with
 exactly the evaluation path's preprocessing (`dualref.data.loaders.read_image`: bicubic PIL resize to the
 checkpoint's input size, then `/255`, mean and std) and forward (`extraction.extract_features`).
+
+Size: over 400 lines: the model from any checkpoint, the one evaluation path, and FeatureExtractor's
+input handling (paths, PIL images, arrays, tensors).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Layout of ``run_dir``::
 A fresh run never reuses a folder that already holds one, so results are never overwritten. Only one
 process at a time uses a run folder; opening it cleans up after a killed one (a torn last metrics line,
 the temporaries of interrupted atomic writes, a lock whose holder is dead).
+
+Size: over 400 lines: the run folder's whole life (lock, config, log, metrics append / repair / read,
+TensorBoard) in one place.
 """
 
 from __future__ import annotations

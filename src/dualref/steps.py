@@ -14,7 +14,7 @@ update (`after_step`).
   scale, a traditional memory's momentum update; and, every `diagnostics_every` iterations, each loss
   term's share of the gradient at the trunk's output.
 
-Size: ~430 lines, mostly docstrings: the skeleton and the two steps it runs belong together.
+Size: over 400 lines, mostly docstrings: the skeleton and the two steps it runs belong together.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Layouts (``root`` may be the data set folder itself or a parent holding it under
 For ``folder`` and ``unlabelled`` the camera numbers written in the names (any base) are mapped to
 0..C-1 in sorted order over the whole data set; images without a camera field get the lowest
 camera id. Image extensions: .jpg .jpeg .png .bmp (any case) for these two; ``*.jpg`` for Market/Duke.
+
+Size: over 400 lines: six layouts (Market-1501, DukeMTMC-reID, MSMT17 V1/V2, folder, unlabelled) and the
+report of every entry a layout does not read.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ Augmentations draw from torch's RNG; with ``num_workers > 0`` DataLoader seeds e
 loader's own generator, which :func:`set_epoch` re-seeds from (seed, epoch), so they are reproducible
 too. With ``num_workers=0`` they come from the global torch RNG (the caller's seed_everything).
 
-Size: ~410 lines; decoding, caching, the dataset and the three loader builders share their helpers.
+Size: over 400 lines; decoding, caching, the dataset and the three loader builders share their helpers.
 """
 
 from __future__ import annotations

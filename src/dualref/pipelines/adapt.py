@@ -16,7 +16,7 @@ cluster profile, loss terms, gradient shares, bank drift, seconds per stage, lab
 "eval_target" record per evaluation, checkpoint.pt (exact resume), and at the end plots + summary.md
 (`dualref.report`). Records use `epoch` = number of adaptation epochs completed (0 = direct transfer).
 
-Size: ~410 lines: the loop (one screen) and its set-up, checkpoint and monitoring helpers.
+Size: over 400 lines: the loop (one screen) and its set-up, checks, checkpoint and monitoring helpers.
 """
 
 from __future__ import annotations
