@@ -78,14 +78,6 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; set it straight back (no thread creates files meanwhile
-    # in this process that could observe the brief 0o022).
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | Path, *, binary: bool = True) -> Iterator[IO[Any]]:
     """Open a temporary file beside `path`; on a clean exit it replaces `path` atomically.
@@ -105,8 +97,8 @@ def atomic_write(path: str | Path, *, binary: bool = True) -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    mode = 0o666 & ~_umask()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    # 0666 filtered by the process umask (as open() does), not mkstemp's owner-only 0600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
             yield handle
