@@ -105,20 +105,28 @@ def _run_config(cls: type[ConfigT], args: argparse.Namespace, *, other: type, ot
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from dualref import distributed
     from dualref.config import AdaptConfig, PretrainConfig
     from dualref.pipelines import pretrain
 
     cfg = _run_config(PretrainConfig, args, other=AdaptConfig, other_command="adapt")
-    pretrain.pretrain_on_source(cfg, resume=args.resume)
+    try:
+        pretrain.pretrain_on_source(cfg, resume=args.resume)
+    finally:
+        distributed.close()  # under torchrun: leave the process group
     return 0
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
+    from dualref import distributed
     from dualref.config import AdaptConfig, PretrainConfig
     from dualref.pipelines import adapt
 
     cfg = _run_config(AdaptConfig, args, other=PretrainConfig, other_command="pretrain")
-    adapt.adapt_to_target(cfg, resume=args.resume)
+    try:
+        adapt.adapt_to_target(cfg, resume=args.resume)
+    finally:
+        distributed.close()  # under torchrun: leave the process group
     return 0
 
 

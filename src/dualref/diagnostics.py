@@ -20,8 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dualref import distributed
 
-def gradient_norms(weighted_terms: Mapping[str, Tensor], at: Tensor) -> dict[str, float]:
+
+def gradient_norms(
+    weighted_terms: Mapping[str, Tensor], at: Tensor, ranks: distributed.Ranks = distributed.SINGLE
+) -> dict[str, float]:
     """Norm of each term's gradient with respect to `at`, and each term's share of their sum.
 
     Uses `torch.autograd.grad` with the graph retained: nothing accumulates into `.grad`, no random
@@ -31,18 +35,22 @@ def gradient_norms(weighted_terms: Mapping[str, Tensor], at: Tensor) -> dict[str
         weighted_terms: name -> scalar term, already multiplied by its coefficient in the objective
             (a switched-off term may be a constant without gradient).
         at: the tensor the norms are measured at, e.g. the [B, D] pooled trunk feature.
+        ranks: under torchrun `at` is this rank's rows before `distributed.gather_rows`: the squared
+            norms are summed over the ranks and the gather's factor K divided out, so the record is
+            the one process's. Every rank must call this at the same iterations.
 
     Returns:
         ``grad_<name>`` (Frobenius norm of d term / d at) and ``grad_share_<name>`` (norm / sum of the
         norms; 0 when every norm is 0) for every term.
     """
-    norms: dict[str, float] = {}
-    for name, term in weighted_terms.items():
-        if not term.requires_grad:
-            norms[name] = 0.0
-            continue
-        (grad,) = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
-        norms[name] = 0.0 if grad is None else float(grad.float().norm())
+    squares = []
+    for term in weighted_terms.values():
+        grad = None
+        if term.requires_grad:
+            (grad,) = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
+        squares.append(at.new_zeros((), dtype=torch.float32) if grad is None else grad.float().pow(2).sum())
+    squared = distributed.sum_over_ranks(torch.stack(squares), ranks) / ranks.world_size**2
+    norms = dict(zip(weighted_terms, squared.sqrt().tolist(), strict=True))
     total = sum(norms.values())
     record = {f"grad_{name}": value for name, value in norms.items()}
     record.update(

@@ -275,6 +275,42 @@ class Run:
         self.close()
 
 
+class FollowerRun:
+    """The run folder as the ranks other than 0 see it under torchrun: its paths, and no writes.
+
+    Rank 0 holds the `Run` (lock, config.yaml, run.log, metrics.jsonl, checkpoints); the others only read
+    the checkpoint when resuming. Their warnings still reach the console, prefixed with the rank.
+    """
+
+    def __init__(self, path: Path, *, resumed: bool, rank: int) -> None:
+        self.path = path
+        self.resumed = resumed
+        self.checkpoint_path = path / CHECKPOINT_FILE
+        self.logger = logging.getLogger(LOGGER_NAME)
+        self._handler = logging.StreamHandler(sys.stderr)
+        self._handler.setLevel(logging.WARNING)
+        self._handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank}: %(message)s", "%H:%M:%S"))
+        self.logger.addHandler(self._handler)
+
+    def log_metrics(self, epoch: int, metrics: Mapping[str, float | int | str], kind: str) -> None:
+        """Nothing: rank 0 logs."""
+
+    def discard_records_after(self, epoch: int) -> None:
+        """Nothing: rank 0 owns metrics.jsonl."""
+
+    def close(self) -> None:
+        self.logger.removeHandler(self._handler)
+
+    def __enter__(self) -> FollowerRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+AnyRun = Run | FollowerRun  # what the pipelines hold: rank 0's run, or another rank's view of it
+
+
 def open_run(run_dir: str | Path, config: Any, *, resume: bool) -> Run:
     """Open a fresh run folder, or reopen one to resume it; the folder is locked until `Run.close`.
 

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dualref import diagnostics, losses, training
+from dualref import diagnostics, distributed, losses, training
 from dualref.config import LossConfig
 from dualref.losses import memory_losses, objective
 from dualref.losses.objective import LossTerms, LossWeights
 from dualref.memory_bank import InstantMemoryBank, MemoryBank, MomentumMemoryBank, minibatch_bank
-from dualref.models.reid_net import ReidNet
+from dualref.models.reid_net import ReidOutput
 
 Batch = Sequence[Tensor]  # (images [B, 3, H, W], labels [B], camids [B], dataset indices [B])
 
@@ -184,6 +184,7 @@ def train_source_epoch(
     channels_last: bool = False,
     progress: bool = True,
     epoch: int = 0,
+    ranks: distributed.Ranks = distributed.SINGLE,
 ) -> EpochStats:
     """One epoch of supervised source training (docs/method.md §2).
 
@@ -207,6 +208,8 @@ def train_source_epoch(
         channels_last: channels-last inputs on CUDA; ignored on CPU.
         progress: show a progress bar with ETA.
         epoch: 0-based epoch, for the progress bar and error messages.
+        ranks: under torchrun, `loader` yields this rank's rows and `model` is in DDP: the outputs are
+            gathered and the losses see the global batch (`dualref.distributed`).
 
     Returns:
         The epoch's `EpochStats` (means of "ce", "triplet", "total", "accuracy").
@@ -223,9 +226,9 @@ def train_source_epoch(
 
     def step(batch: Batch, iteration: int) -> StepResult:
         images = training.images_to_device(batch[0], device, channels_last)
-        labels = batch[1].to(device, non_blocking=True)
+        labels = distributed.gather_rows(batch[1].to(device, non_blocking=True), ranks)
         with training.autocast(device, amp_dtype):
-            out = model(images)
+            out = gathered(model(images), ranks)
         ce = losses.cross_entropy_with_label_smoothing(out.logits, labels, epsilon=label_smoothing)
         triplet = losses.batch_hard_triplet_loss(out.pooled, labels, margin=triplet_margin)
         total = ce + triplet
@@ -253,7 +256,7 @@ def loss_weights(loss: LossConfig, *, spread_weight: float | None = None) -> Los
 
 
 def train_target_epoch(
-    model: ReidNet,
+    model: nn.Module,
     loader: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     refined_labels: Tensor,
@@ -267,6 +270,7 @@ def train_target_epoch(
     progress: bool = True,
     epoch: int = 0,
     diagnostics_every: int = 0,
+    ranks: distributed.Ranks = distributed.SINGLE,
 ) -> EpochStats:
     """One on-line epoch of Dual-Refinement (docs/method.md §4 "Where alpha enters", §5).
 
@@ -276,7 +280,7 @@ def train_target_epoch(
     momentum update. Terms with weight 0 are not computed (they are logged as 0).
 
     Args:
-        model: the network, its classifier already sized to the L clusters of this epoch.
+        model: the `ReidNet` (or its DDP wrapper), its classifier already sized to the L clusters.
         loader: yields (images [B, 3, H, W], coarse labels [B], camids [B], indices [B]).
         optimizer: Adam over the network (and the instant bank), learning rate set.
         refined_labels: [N] int64 refined label of every target image.
@@ -291,6 +295,9 @@ def train_target_epoch(
         diagnostics_every: every this many iterations, record each weighted term's gradient norm at
             the trunk's output (`diagnostics.gradient_norms`); 0 = never. Reads nothing but the batch
             and changes nothing: the training is the same with or without it.
+        ranks: under torchrun, `loader` yields this rank's rows and `model` is in DDP: the outputs,
+            labels and indices are gathered, so the losses, the bank's gradient and the momentum
+            update see the global batch on every rank (`dualref.distributed`).
 
     Returns:
         EpochStats with the means of ce_coarse, triplet_coarse, ce_refined, triplet_refined, memory,
@@ -304,11 +311,12 @@ def train_target_epoch(
     def step(batch: Batch, iteration: int) -> StepResult:
         images, coarse, _camids, indices = batch
         images = training.images_to_device(images, device, channels_last)
-        coarse = coarse.to(device, non_blocking=True)
-        indices = indices.to(device, non_blocking=True)
+        coarse = distributed.gather_rows(coarse.to(device, non_blocking=True), ranks)
+        indices = distributed.gather_rows(indices.to(device, non_blocking=True), ranks)
         refined = refined_labels[indices]  # [B]
         with training.autocast(device, amp_dtype):
-            out = model(images)
+            own = model(images)  # this rank's rows (all of them in one process)
+        out = gathered(own, ranks)
         features = F.normalize(out.bn.float(), dim=1)  # [B, D] spread-out / BN-triplet feature
         metric = triplet_feature(out.pooled, features, loss)
         terms = target_loss_terms(
@@ -321,7 +329,7 @@ def train_target_epoch(
         sampled = None
         if diagnostics_every and iteration % diagnostics_every == 0:
             weighted = objective.weighted_terms(terms, weights)
-            sampled = diagnostics.gradient_norms(weighted, out.pooled)
+            sampled = diagnostics.gradient_norms(weighted, own.pooled, ranks)
 
         def after_backward() -> None:
             if isinstance(memory, InstantMemoryBank):
@@ -343,6 +351,13 @@ def train_target_epoch(
         progress=progress,
         epoch=epoch,
     )
+
+
+def gathered(out: ReidOutput, ranks: distributed.Ranks) -> ReidOutput:
+    """The global batch's outputs on every rank (this rank's own rows keep their gradient)."""
+    if not ranks.distributed:
+        return out
+    return ReidOutput(*(distributed.gather_rows(tensor, ranks) for tensor in out))
 
 
 def triplet_feature(pooled: Tensor, normalized: Tensor, loss: LossConfig) -> Tensor:

@@ -156,6 +156,9 @@ class ImageDataset(Dataset[Item]):
             ``resize_to``), DataLoader's batched fetch (``__getitems__``) uses it instead of calling
             ``transform`` per image: the same augmentation, vectorised. Single items still use
             ``transform``.
+        rows: ``(start, stop)``: keep only these rows of every batch the sampler gives (one rank's share
+            of the global batch, `dualref.distributed.batch_rows`); `batch_transform` then takes the
+            whole batch's random draws (`BatchTrainAugment`'s ``batch_size`` and ``offset``).
     """
 
     def __init__(
@@ -167,7 +170,8 @@ class ImageDataset(Dataset[Item]):
         *,
         resize_to: tuple[int, int] | None = None,
         cache: bool = False,
-        batch_transform: Callable[[Tensor], Tensor] | None = None,
+        batch_transform: Callable[..., Tensor] | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         for name, values in (("labels", labels), ("camids", camids)):
             if values is not None and len(values) != len(paths):
@@ -180,6 +184,9 @@ class ImageDataset(Dataset[Item]):
         self.transform = transform
         self.batch_transform = batch_transform
         self.resize_to = resize_to
+        if rows is not None and (batch_transform is None or not 0 <= rows[0] < rows[1]):
+            raise ValueError(f"rows={rows!r}: expected 0 <= start < stop, with a batch_transform")
+        self.rows = rows
         self.pixels: Tensor | None = self._decode_all() if cache else None
 
     def _decode_all(self) -> Tensor:
@@ -210,11 +217,17 @@ class ImageDataset(Dataset[Item]):
         """The items of one batch; DataLoader calls this instead of ``__getitem__`` when it exists."""
         if self.batch_transform is None:
             return [self[i] for i in indices]
+        options: dict[str, int] = {}
+        if self.rows is not None:  # this rank's share of the global batch
+            options = {"batch_size": len(indices), "offset": self.rows[0]}
+            if self.rows[1] > len(indices):
+                raise ValueError(f"rows {self.rows} are not inside a batch of {len(indices)}")
+            indices = list(indices)[self.rows[0] : self.rows[1]]
         if self.pixels is not None:
             pixels = self.pixels[torch.as_tensor(indices, dtype=torch.long)]
         else:
             pixels = torch.stack([self._pixels(i) for i in indices])
-        images = self.batch_transform(pixels)
+        images = self.batch_transform(pixels, **options)
         return [
             (image, self.labels[i], self.camids[i], i)
             for image, i in zip(images.unbind(0), indices, strict=True)
@@ -298,6 +311,7 @@ def train_loader(
     pin_memory: bool = False,
     flip_prob: float = 0.5,
     pad: int = 10,
+    rows: tuple[int, int] | None = None,
 ) -> DataLoader[Item]:
     """P x K training batches, exactly ``num_iterations`` per epoch; labels < 0 are never sampled.
 
@@ -315,6 +329,7 @@ def train_loader(
         cache: decode all images once into RAM (see the module docstring).
         pin_memory: set True only when batches go to a CUDA device.
         flip_prob, pad: see :func:`dualref.data.transforms.train_transform`.
+        rows: this rank's rows of every batch (see `ImageDataset`); None: the whole batch.
     """
     sampler = RandomIdentitySampler(
         labels,
@@ -338,6 +353,7 @@ def train_loader(
         resize_to=(height, width),
         cache=cache,
         batch_transform=augment,
+        rows=rows,
     )
     return _make_loader(
         dataset, seed=seed, num_workers=num_workers, pin_memory=pin_memory, batch_sampler=sampler
@@ -384,18 +400,16 @@ def random_loader(
     cache: bool = False,
     pin_memory: bool = False,
     random_erasing_prob: float = 0.0,
+    rows: tuple[int, int] | None = None,
 ) -> DataLoader[Item]:
     """Shuffled batches (no P x K) with the training transform, exactly ``num_iterations`` per epoch.
 
     For the reference's forwarding of target batches during source training (BatchNorm statistics).
     ``loader.batch_sampler`` is a :class:`RandomBatchSampler`; use :func:`set_epoch` as for training.
+    `rows`: this rank's rows of every batch (see `ImageDataset`).
     """
-    sampler = RandomBatchSampler(
-        len(paths), batch_size=batch_size, num_iterations=num_iterations, seed=seed
-    )
-    transform = transforms_lib.train_transform(
-        height, width, random_erasing_prob=random_erasing_prob
-    )
+    sampler = RandomBatchSampler(len(paths), batch_size=batch_size, num_iterations=num_iterations, seed=seed)
+    transform = transforms_lib.train_transform(height, width, random_erasing_prob=random_erasing_prob)
     augment = transforms_lib.BatchTrainAugment(random_erasing_prob=random_erasing_prob)
     dataset = ImageDataset(
         paths,
@@ -405,6 +419,7 @@ def random_loader(
         resize_to=(height, width),
         cache=cache,
         batch_transform=augment,
+        rows=rows,
     )
     return _make_loader(
         dataset, seed=seed, num_workers=num_workers, pin_memory=pin_memory, batch_sampler=sampler

@@ -181,27 +181,36 @@ class BatchTrainAugment:
         self.pad = pad
         self.erasing = ReferenceRandomErasing(random_erasing_prob)  # validates p; holds the settings
 
-    def __call__(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] uint8 -> [B, 3, H, W] float32, augmented and normalised."""
-        batch, _, height, width = images.shape
-        flip = (torch.rand(batch) < self.flip_prob).to(images.device).view(-1, 1, 1, 1)
+    def __call__(self, images: Tensor, *, batch_size: int | None = None, offset: int = 0) -> Tensor:
+        """[b, 3, H, W] uint8 -> [b, 3, H, W] float32, augmented and normalised.
+
+        `images` may be rows ``[offset, offset + b)`` of a batch of `batch_size` (one rank's share,
+        `dualref.distributed.batch_rows`): the random draws are those of the whole batch, in the same
+        order, and only these rows are augmented, so every image is augmented as in one process.
+        """
+        rows, _, height, width = images.shape
+        batch = rows if batch_size is None else batch_size
+        if offset < 0 or offset + rows > batch:
+            raise ValueError(f"rows [{offset}, {offset + rows}) are not inside a batch of {batch}")
+        mine = slice(offset, offset + rows)
+        flip = (torch.rand(batch)[mine] < self.flip_prob).to(images.device).view(-1, 1, 1, 1)
         images = torch.where(flip, images.flip(-1), images)
         if self.pad > 0:
             padded = torch.nn.functional.pad(images, (self.pad,) * 4)
-            tops = torch.randint(0, 2 * self.pad + 1, (batch,)).tolist()
-            lefts = torch.randint(0, 2 * self.pad + 1, (batch,)).tolist()
-            crops = zip(range(batch), tops, lefts, strict=True)
+            tops = torch.randint(0, 2 * self.pad + 1, (batch,))[mine].tolist()
+            lefts = torch.randint(0, 2 * self.pad + 1, (batch,))[mine].tolist()
+            crops = zip(range(rows), tops, lefts, strict=True)
             images = torch.stack([padded[i, :, t : t + height, x : x + width] for i, t, x in crops])
         out = normalise_batch(images)
         erasing = self.erasing
         if erasing.p > 0.0:
             fill = torch.tensor(erasing.value, device=out.device).view(-1, 1, 1)
-            for image in out:  # in place: `out` is a fresh tensor
+            for row in range(batch):  # every row draws, in order; only this share is written
                 if torch.rand(()).item() < erasing.p:
                     box = erasing_box(height, width, scale=erasing.scale, ratio=erasing.ratio)
-                    if box is not None:
+                    if box is not None and offset <= row < offset + rows:
                         top, left, h, w = box
-                        image[:, top : top + h, left : left + w] = fill
+                        out[row - offset, :, top : top + h, left : left + w] = fill  # `out` is fresh
         return out
 
 

@@ -35,6 +35,7 @@ from dualref import (
     checkpoint,
     clustering,
     diagnostics,
+    distributed,
     extraction,
     pseudo_labels,
     report,
@@ -74,28 +75,34 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         The run folder.
     """
     device, amp_dtype = common.start_process(cfg.run)
+    ranks, device = distributed.init_from_env(device)  # torchrun: this rank's device (docs/distributed.md)
     cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
+    if ranks.distributed and cluster_device.type == "cuda":
+        cluster_device = device
     run_dir = common.run_folder(cfg.run, resume)
     # Everything that can be checked is checked before the run folder is written, so that a retry into
     # the same folder starts afresh and a resumed run's config.yaml never takes a bad value.
-    own_checkpoint = resume is not None and common.check_resume(run_dir, "adapt", cfg.model.arch)
+    own_checkpoint = resume is not None and common.check_resume(run_dir, "adapt", cfg.model.arch, ranks)
     source = None if own_checkpoint else _source_state(cfg)  # a run's own checkpoint holds the weights
     target = _parse_target(cfg)
-    with runs.open_run(run_dir, cfg, resume=resume is not None) as run:
+    distributed.batch_rows(cfg.data.batch_size, ranks)  # refuses a batch the ranks cannot share
+    with common.open_run(run_dir, cfg, resume, ranks) as run:
         target = _load_target(cfg, target)
-        log.info("device %s", device)
+        log.info("device %s, %d process(es)", device, ranks.world_size)
         images = TargetImages(paths=[s.path for s in target.train], camids=[s.camid for s in target.train])
         monitor_pids = _monitoring_pids(target.train)
         model = _build_model(cfg, device, source, resumed=own_checkpoint)
         # An unlabelled target (no query, no gallery) trains all the same, without target scores; one
-        # split without the other was refused by `_require_target`.
+        # split without the other was refused by `_require_target`. Only rank 0 evaluates.
         labelled = bool(target.query or target.gallery)
-        test = common.evaluator(target, cfg.data, cfg.run, device, cfg.evaluation) if labelled else None
-        if test is None:
+        scored = labelled and ranks.is_main
+        test = common.evaluator(target, cfg.data, cfg.run, device, cfg.evaluation) if scored else None
+        if not labelled:
             log.info("target %s has no query/gallery: no target evaluation", target.name)
         if cfg.optim.epochs == 0:  # direct transfer: evaluate the starting model only
             _evaluate_missing(run, test, model, cfg, epoch=0)
-            report.write_report(run.path)
+            if ranks.is_main:
+                report.write_report(run.path)
             return run.path
         cluster_loader = common.test_loader(images.paths, cfg.data, device)
         memory = _build_memory(cfg, len(images.paths), model.feat_dim, device)
@@ -110,29 +117,25 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         for epoch in range(state.epoch if state else 0, cfg.optim.epochs):
             seconds: dict[str, float] = {}
             with timed(seconds, "extract"):
-                features = extraction.extract_features(  # [N, D] with the current model
-                    model, cluster_loader, device, progress=cfg.run.progress, amp_dtype=amp_dtype
-                )
-            refine = cfg.loss.refined_weight > 0
-            labels = pseudo_labels.compute_pseudo_labels(
-                features, cfg.clustering, eps=eps, refine=refine, seed=cfg.run.seed, device=cluster_device
-            )
-            _check_clusters(labels, epoch, cfg)
+                features = _extract(model, cluster_loader, device, amp_dtype, cfg, ranks)  # [N, D]
+            labels = _pseudo_labels(features, eps, cluster_device, epoch, cfg, ranks)  # rank 0's
             eps = labels.eps
             if memory is not None and (epoch == 0 or cfg.loss.bank_refresh):
                 memory.init_from(features)  # the reference: once, from the source model's features
                 bank_start = memory.bank().detach().clone() if isinstance(memory, InstantMemoryBank) else None
-            monitoring = _monitoring_record(
-                labels, features, memory, monitor_pids, cfg.loss.spread_num_neighbors
+            monitoring = (
+                _monitoring_record(labels, features, memory, monitor_pids, cfg.loss.spread_num_neighbors)
+                if ranks.is_main
+                else {}
             )
             centroids = clustering.cluster_centroids(features, labels.coarse, labels.num_clusters)
             model.reset_classifier(labels.num_clusters, centroids.to(device))
-            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch=epoch)
+            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch, ranks)
             lr, mu = common.epoch_lr(cfg.optim, epoch), cfg.loss.spread_weight_at(epoch)
             optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
             with timed(seconds, "train"), common.naming_checkpoint(run.checkpoint_path):
                 stats = steps.train_target_epoch(
-                    model,
+                    distributed.wrap(model, ranks, device),  # DDP over the new classifier too
                     loader,
                     optimizer,
                     torch.as_tensor(labels.refined_or_coarse(), device=device),
@@ -145,7 +148,11 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
                     progress=cfg.run.progress,
                     epoch=epoch,
                     diagnostics_every=cfg.run.diagnostics_every,
+                    ranks=ranks,
                 )
+            distributed.broadcast_module(model, ranks)  # rank 0's BN statistics for the extraction
+            if memory is not None:  # identical already on CPU; guards against GPU atomics' rounding
+                distributed.broadcast_module(memory, ranks)
             drift = (
                 diagnostics.bank_drift(memory.bank(), bank_start) if memory and bank_start is not None else {}
             )
@@ -155,12 +162,58 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
             run.log_metrics(epoch + 1, record, kind="adapt")
             log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs, _epoch_summary(record))
             rng = seeding.rng_state()
-            _save(run.checkpoint_path, cfg, model, memory, optimizer, eps, epoch + 1, rng, bank_start)
+            if ranks.is_main:
+                _save(run.checkpoint_path, cfg, model, memory, optimizer, eps, epoch + 1, rng, bank_start)
             if common.evaluation_due(cfg.run, epoch + 1, cfg.optim.epochs):
                 _evaluate_logged(run, test, model, epoch=epoch + 1)
             seeding.set_rng_state(rng)  # evaluation must not change what the next epoch draws
-        report.write_report(run.path)
+        if ranks.is_main:
+            report.write_report(run.path)
+        distributed.barrier(ranks)  # the others leave once rank 0 has written everything
         return run.path
+
+
+def _extract(
+    model: ReidNet,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    cfg: AdaptConfig,
+    ranks: distributed.Ranks,
+) -> Tensor:
+    """[N, D] target features in dataset order; under torchrun each rank extracts its shard."""
+    num_images = len(loader.dataset)
+    if ranks.distributed:
+        start, stop = distributed.shard_range(num_images, ranks)
+        shard = common.test_loader(loader.dataset.paths[start:stop], cfg.data, device, cache=False)
+        if loader.dataset.pixels is not None:  # a view of the decoded images, not a copy
+            shard.dataset.pixels = loader.dataset.pixels[start:stop]
+        loader = shard
+    features = extraction.extract_features(
+        model, loader, device, progress=cfg.run.progress, amp_dtype=amp_dtype
+    )
+    if not ranks.distributed:
+        return features
+    return distributed.gather_rows_in_order(features.to(device), num_images, ranks).cpu()
+
+
+def _pseudo_labels(
+    features: Tensor,
+    eps: float | None,
+    device: torch.device,
+    epoch: int,
+    cfg: AdaptConfig,
+    ranks: distributed.Ranks,
+) -> pseudo_labels.PseudoLabels:
+    """The off-line stage's labels: computed by rank 0 and broadcast (the same on every rank)."""
+    labels = None
+    if ranks.is_main:
+        refine = cfg.loss.refined_weight > 0
+        labels = pseudo_labels.compute_pseudo_labels(
+            features, cfg.clustering, eps=eps, refine=refine, seed=cfg.run.seed, device=device
+        )
+        _check_clusters(labels, epoch, cfg)
+    return distributed.broadcast_object(labels, ranks)
 
 
 def _parse_target(cfg: AdaptConfig) -> ReidSplits:
@@ -245,7 +298,7 @@ def _epoch_record(
 
 
 def _evaluate_missing(
-    run: runs.Run, test: Any | None, model: ReidNet, cfg: AdaptConfig, *, epoch: int
+    run: runs.AnyRun, test: Any | None, model: ReidNet, cfg: AdaptConfig, *, epoch: int
 ) -> None:
     """Evaluate the checkpoint's epoch if its evaluation was due but the run stopped before logging it.
 
@@ -260,7 +313,7 @@ def _evaluate_missing(
         _evaluate_logged(run, test, model, epoch=epoch)
 
 
-def _evaluate_logged(run: runs.Run, test: Any | None, model: ReidNet, *, epoch: int) -> None:
+def _evaluate_logged(run: runs.AnyRun, test: Any | None, model: ReidNet, *, epoch: int) -> None:
     if test is None:  # unlabelled target: nothing to score
         return
     record = common.evaluate(test, model)
@@ -369,8 +422,8 @@ def _train_loader(
     cfg: AdaptConfig,
     cluster_loader: Any,
     device: torch.device,
-    *,
     epoch: int,
+    ranks: distributed.Ranks,
 ) -> Any:
     """P x K batches over the coarse labels (outliers, -1, never sampled); order set by (seed, epoch)."""
     loader = common.train_loader(
@@ -382,6 +435,7 @@ def _train_loader(
         seed=cfg.run.seed,
         device=device,
         cache=False,  # shares the extraction loader's pixels instead (below)
+        ranks=ranks,
     )
     # The extraction loader already decoded every image once (data.cache_images): share its pixels
     # rather than decoding the whole set again for each epoch's new loader.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dualref import checkpoint, inference, runs, seeding, training
+from dualref import checkpoint, distributed, inference, runs, seeding, training
 from dualref.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, config_to_dict
 from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits
@@ -59,8 +59,9 @@ def require_splits(splits: ReidSplits, role: str, root_key: str, needed: dict[st
             )
 
 
-def check_resume(run_dir: Path, kind: str, arch: str) -> bool:
-    """Whether `run_dir` holds a checkpoint to resume from; refuses one of another command or trunk.
+def check_resume(run_dir: Path, kind: str, arch: str, ranks: distributed.Ranks = distributed.SINGLE) -> bool:
+    """Whether `run_dir` holds a checkpoint to resume from; refuses one of another command or trunk, or
+    one written with another number of processes (the run would not continue exactly).
 
     Called before the run folder is opened, so that a wrong `--resume` writes nothing into it.
     """
@@ -77,7 +78,22 @@ def check_resume(run_dir: Path, kind: str, arch: str) -> bool:
         raise ValueError(
             f"{path} holds arch {state['arch']!r} but model.arch={arch!r}; set model.arch={state['arch']}"
         )
+    written = int(state.get("world_size", 1))
+    if written != ranks.world_size:
+        how = "without torchrun" if written == 1 else f"with torchrun --nproc_per_node={written} (in all)"
+        raise ValueError(
+            f"{path} was written by {written} process(es) but this run has {ranks.world_size}; resume it "
+            f"{how}: BatchNorm's shards and the sums' order depend on the number of processes, so "
+            "another number would not continue the run exactly"
+        )
     return True
+
+
+def open_run(run_dir: Path, cfg: Any, resume: str | Path | None, ranks: distributed.Ranks) -> runs.AnyRun:
+    """Rank 0's run folder (`runs.open_run`); the other ranks' read-only view of it."""
+    if ranks.is_main:
+        return runs.open_run(run_dir, cfg, resume=resume is not None)
+    return runs.FollowerRun(run_dir, resumed=resume is not None, rank=ranks.rank)
 
 
 def without_unreadable(splits: ReidSplits, *, skip_unreadable: bool) -> ReidSplits:
@@ -115,15 +131,17 @@ def build_model(
     return model
 
 
-def test_loader(paths: Sequence[Path], data: DataConfig, device: torch.device) -> Any:
-    """Eval-transform loader over `paths`, in order (extraction)."""
+def test_loader(
+    paths: Sequence[Path], data: DataConfig, device: torch.device, *, cache: bool | None = None
+) -> Any:
+    """Eval-transform loader over `paths`, in order (extraction); `cache` overrides data.cache_images."""
     return loaders.test_loader(
         paths,
         height=data.height,
         width=data.width,
         batch_size=data.test_batch_size,
         num_workers=data.num_workers,
-        cache=data.cache_images,
+        cache=data.cache_images if cache is None else cache,
         pin_memory=device.type == "cuda",
     )
 
@@ -138,8 +156,12 @@ def train_loader(
     seed: int,
     device: torch.device,
     cache: bool,
+    ranks: distributed.Ranks = distributed.SINGLE,
 ) -> Any:
-    """P x K training batches over `labels` (-1 never sampled), `iterations` per epoch."""
+    """P x K training batches over `labels` (-1 never sampled), `iterations` per epoch.
+
+    Under torchrun every rank samples the same global batches and loads its own rows of each.
+    """
     return loaders.train_loader(
         paths,
         list(labels),
@@ -154,6 +176,7 @@ def train_loader(
         num_workers=data.num_workers,
         cache=cache,
         pin_memory=device.type == "cuda",
+        rows=distributed.batch_rows(data.batch_size, ranks),
     )
 
 
@@ -227,6 +250,7 @@ def checkpoint_state(
         "epoch": epoch,
         "rng": rng,
         "config": config_to_dict(cfg),
+        "world_size": distributed.env_ranks().world_size,
         **inference.model_metadata(model, height=cfg.data.height, width=cfg.data.width),
         **extra,
     }

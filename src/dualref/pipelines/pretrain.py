@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dualref import checkpoint, io, runs, seeding, steps, training
+from dualref import checkpoint, distributed, io, runs, seeding, steps, training
 from dualref.config import PretrainConfig
 from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits, relabel_pids
@@ -46,16 +46,18 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
     run_dir = common.run_folder(cfg.run, resume)
     # Everything that can be checked is checked before the run folder is written, so that a retry into
     # the same folder starts afresh and a resumed run's config.yaml never takes a bad value.
-    if resume is not None:
-        common.check_resume(run_dir, "pretrain", cfg.model.arch)
     device, amp_dtype = common.start_process(cfg.run)
+    ranks, device = distributed.init_from_env(device)  # torchrun: this rank's device (docs/distributed.md)
+    if resume is not None:
+        common.check_resume(run_dir, "pretrain", cfg.model.arch, ranks)
     source, target = _parse_data(cfg)
-    with runs.open_run(run_dir, cfg, resume=resume is not None) as run:
+    rows = distributed.batch_rows(data.batch_size, ranks)  # refuses a batch the ranks cannot share
+    with common.open_run(run_dir, cfg, resume, ranks) as run:
         source = common.without_unreadable(source, skip_unreadable=data.skip_unreadable)
         if target is not None:
             target = common.without_unreadable(target, skip_unreadable=data.skip_unreadable)
         _require_data(cfg, source, target)  # again: dropping unreadable images may empty a split
-        log.info("device %s", device)
+        log.info("device %s, %d process(es)", device, ranks.world_size)
         labels = relabel_pids(source.train)
         log.info("source %s: %d images of %d identities", source.name, len(labels), max(labels) + 1)
         model = common.build_model(
@@ -77,6 +79,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
             seed=cfg.run.seed,
             device=device,
             cache=data.cache_images,
+            ranks=ranks,
         )
         target_loader = None
         if cfg.forward_target_batches and target is not None:
@@ -91,14 +94,16 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                 num_workers=data.num_workers,
                 cache=data.cache_images,
                 pin_memory=device.type == "cuda",
+                rows=rows,
             )
         start_epoch, best_map = 0, -1.0
         if run.resumed and run.checkpoint_path.is_file():
             start_epoch, best_map = _restore(run.checkpoint_path, model, optimizer)
         if run.resumed:
             run.discard_records_after(start_epoch)
-        source_test = common.evaluator(source, data, cfg.run, device)
+        source_test = common.evaluator(source, data, cfg.run, device) if ranks.is_main else None
         source_record: dict[str, Any] | None = None
+        train_model = distributed.wrap(model, ranks, device)  # DDP when under torchrun
         for epoch in range(start_epoch, cfg.optim.epochs):
             lr = common.epoch_lr(cfg.optim, epoch)
             if cfg.optim.reset_each_epoch and epoch > 0:  # a fresh Adam, as the adaptation loop
@@ -113,7 +118,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                 target_iter = iter(target_loader)
             with common.naming_checkpoint(run.checkpoint_path):
                 stats = steps.train_source_epoch(
-                    model,
+                    train_model,
                     source_loader,
                     optimizer,
                     device=device,
@@ -124,8 +129,11 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                     channels_last=cfg.run.channels_last,
                     progress=cfg.run.progress,
                     epoch=epoch,
+                    ranks=ranks,
                 )
             done = epoch + 1
+            if not ranks.is_main:  # rank 0 logs, evaluates and saves
+                continue
             run.log_metrics(done, {"lr": lr, **stats.as_metrics()}, kind="train")
             log.info(
                 "epoch %d/%d lr %.2e | ce %.3f | triplet %.3f | acc %.3f | %.1f img/s | %.0f s",
@@ -150,6 +158,8 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
             checkpoint.save_checkpoint(run.checkpoint_path, state)
 
         done = max(start_epoch, cfg.optim.epochs)
+        if not ranks.is_main:
+            return run.path
         if not run.checkpoint_path.is_file():  # 0 epochs: keep the initial model for `evaluate`
             checkpoint.save_checkpoint(
                 run.checkpoint_path, _state(cfg, model, optimizer, 0, best_map, source.name)
@@ -203,7 +213,7 @@ def _require_data(cfg: PretrainConfig, source: ReidSplits, target: ReidSplits | 
     common.require_splits(target, "target", "data.target_root", target_needs)
 
 
-def _logged_or_evaluated(run: runs.Run, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:
+def _logged_or_evaluated(run: runs.AnyRun, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:
     """The `kind` record of `epoch` that a killed process already logged, else a new evaluation."""
     for record in runs.read_records(run.path, kind):
         if record["epoch"] == epoch:
@@ -211,7 +221,7 @@ def _logged_or_evaluated(run: runs.Run, test: Any, model: Any, epoch: int, kind:
     return _evaluate_logged(run, test, model, epoch, kind)
 
 
-def _evaluate_logged(run: runs.Run, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:
+def _evaluate_logged(run: runs.AnyRun, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:
     record = common.evaluate(test, model)
     run.log_metrics(epoch, record, kind=kind)
     log.info(
