@@ -211,6 +211,31 @@ def test_two_ranks_train_as_one_process_with_ghost_bn_over_two_groups(tmp_path: 
     assert float((plain["bank"] - one["bank"]).abs().max()) > 1e-4  # the bank moved differently
 
 
+def _failing_rank(rank: int, init_file: str, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    ranks = distributed.Ranks(rank, WORLD, rank)
+
+    def compute() -> int:
+        raise ValueError("DBSCAN found no cluster")
+
+    try:
+        distributed.on_main(compute, ranks)
+    except ValueError as err:  # RankZeroError is one
+        Path(folder, f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+    distributed.on_main(lambda: 7, ranks)  # the group still works afterwards
+    dist.destroy_process_group()
+
+
+@needs_gloo
+def test_an_error_of_rank_0_stops_every_rank_with_its_message(tmp_path: Path) -> None:
+    try:
+        mp.spawn(_failing_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    except (OSError, RuntimeError) as err:
+        pytest.skip(f"could not start {WORLD} processes with gloo: {err}")
+    assert (tmp_path / "rank0.txt").read_text() == "ValueError: DBSCAN found no cluster"
+    assert (tmp_path / "rank1.txt").read_text() == "RankZeroError: rank 0 stopped: DBSCAN found no cluster"
+
+
 # --- torchrun end to end -----------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -186,6 +186,34 @@ def sum_over_ranks(values: Tensor, ranks: Ranks) -> Tensor:
     total = values.clone()
     dist.all_reduce(total)
     return total
+
+
+class RankZeroError(ValueError):
+    """Rank 0 stopped at a step whose result the other ranks wait for; the message is rank 0's."""
+
+
+def on_main(compute: Callable[[], T], ranks: Ranks) -> T:
+    """`compute()` on rank 0, its result broadcast to every rank.
+
+    A `ValueError` of rank 0 (e.g. a degenerate clustering) is raised there and, as `RankZeroError` with
+    the same message, on every other rank: each process stops with one line instead of the others
+    failing later on a closed connection.
+    """
+    if not ranks.distributed:
+        return compute()
+    result: T | None = None
+    error: str | None = None
+    if ranks.is_main:
+        try:
+            result = compute()
+        except ValueError as err:
+            error = str(err)
+            broadcast_object((None, error), ranks)
+            raise
+    result, error = broadcast_object((result, error), ranks)
+    if error is not None:
+        raise RankZeroError(f"rank 0 stopped: {error}")
+    return result  # type: ignore[return-value]
 
 
 def broadcast_object(value: T | None, ranks: Ranks) -> T:

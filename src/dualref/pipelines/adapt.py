@@ -206,14 +206,16 @@ def _pseudo_labels(
     ranks: distributed.Ranks,
 ) -> pseudo_labels.PseudoLabels:
     """The off-line stage's labels: computed by rank 0 and broadcast (the same on every rank)."""
-    labels = None
-    if ranks.is_main:
+
+    def compute() -> pseudo_labels.PseudoLabels:
         refine = cfg.loss.refined_weight > 0
         labels = pseudo_labels.compute_pseudo_labels(
             features, cfg.clustering, eps=eps, refine=refine, seed=cfg.run.seed, device=device
         )
         _check_clusters(labels, epoch, cfg)
-    return distributed.broadcast_object(labels, ranks)
+        return labels
+
+    return distributed.on_main(compute, ranks)
 
 
 def _parse_target(cfg: AdaptConfig) -> ReidSplits:
