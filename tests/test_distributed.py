@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -26,7 +27,7 @@ import torch.multiprocessing as mp
 
 from dualref import distributed, steps, training
 from dualref.config import LossConfig
-from dualref.data import loaders
+from dualref.data import loaders, synthetic
 from dualref.data.transforms import BatchTrainAugment
 from dualref.memory_bank import InstantMemoryBank
 from dualref.models.reid_net import ReidNet
@@ -293,3 +294,48 @@ def test_torchrun_adaptation_writes_once_resumes_exactly_and_refuses_another_siz
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
     assert torch.equal(a["memory"]["weight"], b["memory"]["weight"])
+
+
+@needs_gloo
+def test_torchrun_pretraining_equals_one_process_with_ghost_bn(tmp_path: Path) -> None:
+    # Tolerance: float32 rounding of the sums' order (measured: 1e-7 relative on the losses).
+    small = {"num_train_ids": 6, "num_test_ids": 4, "images_per_id": 6, "num_distractors": 2}
+    domains = [
+        synthetic.write_domain(tmp_path, dataclasses.replace(config(), height=64, width=32, **small))
+        for config in (synthetic.domain_a_config, synthetic.domain_b_config)
+    ]
+    sets = [
+        "data.source=market1501",
+        f"data.source_root={domains[0]}",
+        "data.target=market1501",
+        f"data.target_root={domains[1]}",
+        "data.height=32",
+        "data.width=16",
+        "model.arch=tiny",
+        "data.batch_size=8",
+        "data.num_instances=4",
+        "data.num_workers=0",
+        "model.pretrained=null",
+        "optim.epochs=2",
+        "optim.iters_per_epoch=2",
+        "run.progress=false",
+        "run.threads=1",
+    ]
+    args = ["pretrain", *[part for item in sets for part in ("--set", item)]]
+    two = _dualref([*args, "--set", f"run.run_dir={tmp_path / 'two'}"], world=WORLD, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_args = [*args, "--set", "model.bn_groups=2", "--set", f"run.run_dir={tmp_path / 'one'}"]
+    one = _dualref(one_args, world=1, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one")]
+    train = [
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("two", "one")
+    ]
+    assert [r["kind"] for r in train[0]] == [r["kind"] for r in train[1]]
+    for a, b in zip(*train, strict=True):
+        for key in ("ce", "triplet", "total", "mAP"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (b["epoch"], b["kind"], key)
+    transfer = [result["direct_transfer"]["mAP"] for result in results]
+    assert transfer[0] == pytest.approx(transfer[1], rel=1e-5)
