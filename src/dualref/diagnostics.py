@@ -43,14 +43,16 @@ def gradient_norms(
         ``grad_<name>`` (Frobenius norm of d term / d at) and ``grad_share_<name>`` (norm / sum of the
         norms; 0 when every norm is 0) for every term.
     """
-    squares = []
+    local = []
     for term in weighted_terms.values():
         grad = None
         if term.requires_grad:
             (grad,) = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
-        squares.append(at.new_zeros((), dtype=torch.float32) if grad is None else grad.float().pow(2).sum())
-    squared = distributed.sum_over_ranks(torch.stack(squares), ranks) / ranks.world_size**2
-    norms = dict(zip(weighted_terms, squared.sqrt().tolist(), strict=True))
+        local.append(at.new_zeros((), dtype=torch.float32) if grad is None else grad.float().norm())
+    norms_now = torch.stack(local)
+    if ranks.distributed:  # the ranks' blocks of one gradient: sum the squares, undo the gather's K
+        norms_now = (distributed.sum_over_ranks(norms_now.square(), ranks) / ranks.world_size**2).sqrt()
+    norms = dict(zip(weighted_terms, norms_now.tolist(), strict=True))
     total = sum(norms.values())
     record = {f"grad_{name}": value for name, value in norms.items()}
     record.update(
