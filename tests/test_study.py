@@ -147,3 +147,12 @@ def test_a_tiny_study_runs_then_skips_what_finished(tmp_path: Path) -> None:
     assert study.run_study(path) == 0  # nothing left to run
     assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert "| baseline | 1/1 |" in (tmp_path / "out" / study.SUMMARY_FILE).read_text()
+
+
+def test_a_row_with_a_bad_key_stops_the_study_before_any_run(study_file: Path) -> None:
+    raw = yaml.safe_load(study_file.read_text())
+    raw["rows"][1]["set"] = ["loss.bank_decay=0"]  # not a key (loss.bank_weight_decay is)
+    study_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"row 'b' \(seed 1\): unknown config key 'loss.bank_decay'"):
+        study.run_study(study_file)
+    assert not (Path(raw["out"]) / "a").exists()  # row a (first in order) was not started either

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from dualref import io, report, runs
+from dualref.config import AdaptConfig, load_config
 
 log = logging.getLogger("dualref")
 
@@ -153,6 +154,21 @@ def _command(row: Row, seed: int, run_dir: Path) -> list[str]:
     return [*base, str(row.config), *(arg for value in sets for arg in ("--set", value))]
 
 
+def _check_rows(path: str | Path, pending: Sequence[tuple[Row, int, Path]]) -> None:
+    """Load the config of every run that would start afresh, as `dualref adapt` will, in this process.
+
+    Raises:
+        ValueError: naming the study file and the row, with the config's own message.
+    """
+    for row, seed, run_dir in pending:
+        if run_status(run_dir) == "partial":
+            continue  # resumes with its own stored config
+        try:
+            load_config(AdaptConfig, str(row.config), [*row.overrides, f"run.seed={seed}"])
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"{path}: row {row.name!r} (seed {seed}): {err}") from None
+
+
 def run_study(
     path: str | Path,
     *,
@@ -179,6 +195,7 @@ def run_study(
     ]
     failed: list[str] = []
     if not report_only:
+        _check_rows(path, pending)  # a bad row stops the study now, not after hours of other runs
         running: list[tuple[str, subprocess.Popen[bytes], float]] = []
         for row, seed, run_dir in pending:
             if dry_run:
