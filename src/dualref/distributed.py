@@ -258,10 +258,6 @@ def wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def same_on_every_rank(tensors: Sequence[Tensor], ranks: Ranks) -> bool:
     """Whether every rank holds bit-identical `tensors` (a check for tests and debugging)."""
     if not ranks.distributed:
