@@ -158,7 +158,7 @@ def _train(ranks: distributed.Ranks, bn_groups: int, out: Path) -> None:
     # DDP keeps the parameters equal and the bank gets the same gradient everywhere (never broadcast);
     # the BatchNorm statistics are each rank's own until rank 0's are broadcast.
     same = distributed.same_on_every_rank([*model.parameters(), memory.weight], ranks)
-    distributed.broadcast_module(model, ranks)
+    distributed.broadcast_modules([model], ranks)
     if ranks.is_main:
         torch.save(
             {

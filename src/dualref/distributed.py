@@ -226,8 +226,8 @@ def broadcast_object(value: T | None, ranks: Ranks) -> T:
     return holder[0]
 
 
-def broadcast_module(module: nn.Module, ranks: Ranks) -> None:
-    """Copy rank 0's parameters and buffers into every rank's `module`, in place.
+def broadcast_modules(modules: Sequence[nn.Module | None], ranks: Ranks) -> None:
+    """Copy rank 0's parameters and buffers into every rank's `modules` (None skipped), in place.
 
     DDP broadcasts buffers at the start of each training forward, so after an epoch the other ranks still
     hold the running statistics of their own last rows: this makes the eval-mode model (extraction) the
@@ -236,8 +236,9 @@ def broadcast_module(module: nn.Module, ranks: Ranks) -> None:
     if not ranks.distributed:
         return
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+        for module in filter(None, modules):
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
 
 
 def barrier(ranks: Ranks) -> None:

@@ -150,9 +150,8 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
                     diagnostics_every=cfg.run.diagnostics_every,
                     ranks=ranks,
                 )
-            distributed.broadcast_module(model, ranks)  # rank 0's BN statistics for the extraction
-            if memory is not None:  # identical already on CPU; guards against GPU atomics' rounding
-                distributed.broadcast_module(memory, ranks)
+            # Rank 0's BN statistics for the extraction; the banks are equal already, but GPU atomics round.
+            distributed.broadcast_modules([model, memory], ranks)
             drift = (
                 diagnostics.bank_drift(memory.bank(), bank_start) if memory and bank_start is not None else {}
             )
