@@ -5,8 +5,10 @@
 - Two gloo ranks (torch.multiprocessing): a few target and source iterations under DDP give the losses,
   weights and memory bank of one process whose BatchNorm is ghost BN over 2 groups; every rank ends with
   the same weights and the same bank.
+- An error of rank 0 stops every rank with its message.
 - torchrun end to end on the tiny synthetic target: a 2-rank adaptation runs, only rank 0 writes, resume
-  at the same world size is exact, and resuming with another one is refused in one line.
+  at the same world size is exact, and resuming with another one is refused in one line; 2-rank
+  pretraining equals one process with ghost BN over 2 groups.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ needs_gloo = pytest.mark.skipif(
 def test_shards_cover_the_items_once_in_order() -> None:
     for num_items in (0, 1, 5, 156, 12936):
         for world in (1, 2, 3, 4, 7):
-            ranks = [distributed.Ranks(r, world, r) for r in range(world)]
-            ranges = [distributed.shard_range(num_items, ranks_) for ranks_ in ranks]
+            views = [distributed.Ranks(rank, world, rank) for rank in range(world)]
+            ranges = [distributed.shard_range(num_items, view) for view in views]
             assert ranges[0][0] == 0 and ranges[-1][1] == num_items
             assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
             sizes = [stop - start for start, stop in ranges]
