@@ -180,6 +180,34 @@ def train_loader(
     )
 
 
+def image_loader(
+    paths: Sequence[Path],
+    data: DataConfig,
+    *,
+    iterations: int,
+    seed: int,
+    device: torch.device,
+    ranks: distributed.Ranks = distributed.SINGLE,
+) -> Any:
+    """Random unlabelled batches of `paths` (images only), `iterations` per epoch.
+
+    Under torchrun every rank draws the same global batches and loads its own rows of each, as
+    `train_loader`.
+    """
+    return loaders.random_loader(
+        paths,
+        height=data.height,
+        width=data.width,
+        batch_size=data.batch_size,
+        num_iterations=iterations,
+        seed=seed,
+        num_workers=data.num_workers,
+        cache=data.cache_images,
+        pin_memory=device.type == "cuda",
+        rows=distributed.batch_rows(data.batch_size, ranks),
+    )
+
+
 def evaluator(
     splits: ReidSplits,
     data: DataConfig,

@@ -51,7 +51,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
     if resume is not None:
         common.check_resume(run_dir, "pretrain", cfg.model.arch, ranks)
     source, target = _parse_data(cfg)
-    rows = distributed.batch_rows(data.batch_size, ranks)  # refuses a batch the ranks cannot share
+    distributed.batch_rows(data.batch_size, ranks)  # refuses a batch the ranks cannot share
     with common.open_run(run_dir, cfg, resume, ranks) as run:
         source = common.without_unreadable(source, skip_unreadable=data.skip_unreadable)
         if target is not None:
@@ -84,17 +84,13 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         target_loader = None
         if cfg.forward_target_batches and target is not None:
             # Target pids are never read here: only the images, for the BatchNorm statistics.
-            target_loader = loaders.random_loader(
+            target_loader = common.image_loader(
                 [s.path for s in target.train],
-                height=data.height,
-                width=data.width,
-                batch_size=data.batch_size,
-                num_iterations=cfg.optim.iters_per_epoch,
+                data,
+                iterations=cfg.optim.iters_per_epoch,
                 seed=cfg.run.seed + 1,
-                num_workers=data.num_workers,
-                cache=data.cache_images,
-                pin_memory=device.type == "cuda",
-                rows=rows,
+                device=device,
+                ranks=ranks,
             )
         start_epoch, best_map = 0, -1.0
         if run.resumed and run.checkpoint_path.is_file():
