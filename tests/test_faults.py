@@ -6,14 +6,13 @@ an out-of-memory process or a `kill -9`. The points are installed in the child o
 functions the pipelines call (`common.evaluate`, `io.atomic_write`, `runs._append_line`). A chain of
 resumes, each killed somewhere else, must end with the records, the final result and the weights of an
 uninterrupted run. Tiny model and synthetic data (tests/tiny_adapt.py, the pretraining set-up of
-tests/test_pretrain.py); the whole file takes about 20 s of CPU (1.5 min of wall time on a busy 2-core
+tests/tiny_pretrain.py); the whole file takes about 20 s of CPU (1.5 min of wall time on a busy 2-core
 machine).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -30,10 +29,10 @@ import torch
 
 from dualref import checkpoint, cli, io, runs
 from dualref.config import PretrainConfig, load_config
-from dualref.data import synthetic
 from dualref.pipelines import adapt, common, pretrain
 from tiny_adapt import TINY_OVERRIDES, tiny_config, write_target
 from tiny_model import write_checkpoint
+from tiny_pretrain import overrides, write_domains
 
 Install = Callable[[], None]
 TIMING = ("time", "images_per_second", "wall_seconds")
@@ -333,45 +332,11 @@ def test_metrics_lines_survive_a_full_disk_and_a_torn_line_is_repaired(
 
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("pair")
-    small = {"num_train_ids": 6, "num_test_ids": 4, "images_per_id": 6, "num_distractors": 2}
-    return (
-        synthetic.write_domain(
-            out, dataclasses.replace(synthetic.domain_a_config(), height=64, width=32, **small)
-        ),
-        synthetic.write_domain(
-            out, dataclasses.replace(synthetic.domain_b_config(), height=64, width=32, **small)
-        ),
-    )
+    return write_domains(tmp_path_factory.mktemp("pair"))
 
 
 def pretrain_config(domains: tuple[Path, Path], run_dir: Path) -> PretrainConfig:
-    source, target = domains
-    return load_config(
-        PretrainConfig,
-        None,
-        [
-            "data.source=market1501",
-            f"data.source_root={source}",
-            "data.target=market1501",
-            f"data.target_root={target}",
-            "data.height=32",
-            "data.width=16",
-            "data.batch_size=8",
-            "data.num_instances=4",
-            "data.test_batch_size=32",
-            "data.num_workers=0",
-            "model.arch=tiny",
-            "model.pretrained=null",
-            "optim.epochs=2",
-            "optim.iters_per_epoch=2",
-            "optim.warmup_epochs=2",
-            "run.eval_every=1",
-            "run.progress=false",
-            "run.threads=1",
-            f"run.run_dir={run_dir}",
-        ],
-    )
+    return load_config(PretrainConfig, None, overrides(domains, run_dir))
 
 
 def test_pretraining_killed_anywhere_resumes_to_the_uninterrupted_result(

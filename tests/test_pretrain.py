@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -14,8 +13,8 @@ import torch
 
 from dualref import checkpoint, cli, losses, training
 from dualref.config import PretrainConfig, load_config
-from dualref.data import synthetic
 from dualref.pipelines import pretrain
+from tiny_pretrain import overrides, write_domains
 
 
 @pytest.fixture(autouse=True)
@@ -27,44 +26,7 @@ def restore_torch_threads() -> Any:
 
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """6 training identities x 6 images per domain, rendered at 64x32 (well under a second)."""
-    out = tmp_path_factory.mktemp("synthetic")
-    small = {"num_train_ids": 6, "num_test_ids": 4, "images_per_id": 6, "num_distractors": 2}
-    source = synthetic.write_domain(
-        out, dataclasses.replace(synthetic.domain_a_config(), height=64, width=32, **small)
-    )
-    target = synthetic.write_domain(
-        out, dataclasses.replace(synthetic.domain_b_config(), height=64, width=32, **small)
-    )
-    return source, target
-
-
-def overrides(domains: tuple[Path, Path], run_dir: Path, *extra: str) -> list[str]:
-    source, target = domains
-    return [
-        "data.source=market1501",
-        f"data.source_root={source}",
-        "data.target=market1501",
-        f"data.target_root={target}",
-        "data.height=32",
-        "data.width=16",
-        "data.batch_size=8",
-        "data.num_instances=4",
-        "data.test_batch_size=32",
-        "data.num_workers=0",
-        "model.arch=tiny",
-        "model.pretrained=null",
-        "optim.epochs=2",
-        "optim.iters_per_epoch=2",
-        "optim.warmup_epochs=2",
-        "optim.milestones=[2]",
-        "run.eval_every=1",
-        "run.progress=false",
-        # One thread: on a shared, oversubscribed CPU two OpenMP threads can be 20x slower.
-        "run.threads=1",
-        f"run.run_dir={run_dir}",
-        *extra,
-    ]
+    return write_domains(tmp_path_factory.mktemp("synthetic"))
 
 
 def metrics_lines(run_dir: Path) -> list[dict[str, Any]]:
