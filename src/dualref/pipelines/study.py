@@ -30,6 +30,7 @@ import logging
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -347,7 +348,7 @@ def plot_bands(
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("target mAP (%)")
-    axes.set_title(title)
+    axes.set_title(textwrap.fill(title, 60), fontsize=9)  # a study's title is often wider than the plot
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
