@@ -342,7 +342,8 @@ def plot_bands(
             continue
         stats = [_mean_std(by_epoch[x]) for x in xs]
         means = [m for m, _ in stats]
-        axes.plot(xs, means, marker="o", markersize=3, label=f"{name} ({len(seeds)} seeds)")
+        count = f"{len(seeds)} seed" + ("s" if len(seeds) > 1 else "")
+        axes.plot(xs, means, marker="o", markersize=3, label=f"{name} ({count})")
         low, high = [m - s for m, s in stats], [m + s for m, s in stats]
         axes.fill_between(xs, low, high, alpha=0.2)
     axes.set_xlabel("epoch")
