@@ -22,3 +22,20 @@ def test_errors_are_one_line_unless_debugging(
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     assert cli.main(["adapt", missing]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "key"),
+    [
+        ("--rerank-k1", "0", "rerank_k1"),
+        ("--rerank-k2", "-1", "rerank_k2"),
+        ("--rerank-lambda", "1.5", "rerank_lambda"),
+    ],
+)
+def test_evaluate_rejects_bad_reranking_before_loading_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, key: str
+) -> None:
+    # The checkpoint does not exist either: the option is checked first, so its error is the one shown.
+    argv = ["evaluate", str(tmp_path / "none.pt"), "--dataset", "market1501", "--root", str(tmp_path)]
+    assert cli.main([*argv, flag, value]) == 2
+    assert f"evaluation.{key}={value}" in capsys.readouterr().err

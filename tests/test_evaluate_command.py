@@ -94,7 +94,7 @@ def test_adaptation_evaluates_with_the_configured_options(
     real_evaluate = inference.Evaluator.evaluate
 
     def recording(self: inference.Evaluator, model: Any, **kwargs: Any) -> Any:
-        flips.append(self.flip)
+        flips.append(self.options.flip)
         return real_evaluate(self, model, **kwargs)
 
     monkeypatch.setattr(inference.Evaluator, "evaluate", recording)

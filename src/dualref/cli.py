@@ -132,14 +132,18 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dualref import inference, training
+    from dualref.config import EvalConfig
     from dualref.pipelines import evaluate
 
-    options = evaluate.EvaluateOptions(
+    ranking = EvalConfig(
         flip=args.flip,
         rerank=args.rerank,
         rerank_k1=args.rerank_k1,
         rerank_k2=args.rerank_k2,
         rerank_lambda=args.rerank_lambda,
+    )
+    options = evaluate.EvaluateOptions(
+        ranking=ranking,
         cross_camera=args.cross_camera,
         height=args.height,
         width=args.width,
@@ -195,6 +199,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from dualref import training, visualize
+    from dualref.config import EvalConfig
 
     if (args.checkpoint is None) == (args.saved is None):
         raise ValueError("give either CHECKPOINT (with --dataset and --root) or --saved DIR")
@@ -212,8 +217,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
                 device=device,
                 batch_size=args.batch_size,
                 num_workers=args.workers,
-                flip=args.flip,
-                rerank=args.rerank,
+                options=EvalConfig(flip=args.flip, rerank=args.rerank),
             )
             for path in (args.checkpoint, *([args.compare] if args.compare else []))
         ]

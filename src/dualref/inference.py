@@ -28,6 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dualref import checkpoint, evaluation, extraction, training
+from dualref.config import EvalConfig
 from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits, Sample
 from dualref.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -128,9 +129,7 @@ class Evaluator:
         batch_size, num_workers, cache: of the extraction loaders.
         device: where the model runs.
         amp_dtype: autocast dtype on CUDA.
-        flip: average with horizontally flipped images.
-        rerank: k-reciprocal re-ranking instead of the plain distance, with
-        rerank_k1, rerank_k2, rerank_lambda: its neighbourhood sizes and original-distance weight.
+        options: flip averaging and k-reciprocal re-ranking (default: neither, the standard protocol).
         progress: progress bars.
     """
 
@@ -145,11 +144,7 @@ class Evaluator:
         num_workers: int = 2,
         cache: bool = False,
         amp_dtype: torch.dtype | None = None,
-        flip: bool = False,
-        rerank: bool = False,
-        rerank_k1: int = 20,
-        rerank_k2: int = 6,
-        rerank_lambda: float = 0.3,
+        options: EvalConfig = EvalConfig(),
         progress: bool = True,
     ) -> None:
         if not splits.query or not splits.gallery:
@@ -173,8 +168,7 @@ class Evaluator:
         }
         self.device, self.amp_dtype = device, amp_dtype
         self.height, self.width = height, width
-        self.flip, self.rerank, self.progress = flip, rerank, progress
-        self.rerank_k1, self.rerank_k2, self.rerank_lambda = rerank_k1, rerank_k2, rerank_lambda
+        self.options, self.progress = options, progress
 
     def rank_metrics(self, model: nn.Module) -> RankMetrics:
         """Rank metrics of `model` (moved to the evaluator's device beforehand)."""
@@ -192,7 +186,7 @@ class Evaluator:
                 model,
                 loader,
                 self.device,
-                flip=self.flip,
+                flip=self.options.flip,
                 progress=self.progress,
                 desc=name,
                 amp_dtype=self.amp_dtype,
@@ -202,11 +196,12 @@ class Evaluator:
         labels = (_ids(self.query, "pid"), _ids(self.gallery, "pid"))
         cams = (_ids(self.query, "camid"), _ids(self.gallery, "camid"))
         dist: np.ndarray | None = None
-        if self.rerank:
+        if self.options.rerank:
             from dualref import distances
 
+            o = self.options
             dist = distances.reranked_distance(
-                query, gallery, k1=self.rerank_k1, k2=self.rerank_k2, lambda_value=self.rerank_lambda
+                query, gallery, k1=o.rerank_k1, k2=o.rerank_k2, lambda_value=o.rerank_lambda
             )
             metrics = evaluation.rank_metrics(dist, labels[0], labels[1], cams[0], cams[1])
         else:
@@ -266,11 +261,7 @@ def checkpoint_evaluator(
     device: torch.device,
     batch_size: int = 128,
     num_workers: int = 2,
-    flip: bool = False,
-    rerank: bool = False,
-    rerank_k1: int = 20,
-    rerank_k2: int = 6,
-    rerank_lambda: float = 0.3,
+    options: EvalConfig = EvalConfig(),
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
@@ -293,11 +284,7 @@ def checkpoint_evaluator(
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
-        flip=flip,
-        rerank=rerank,
-        rerank_k1=rerank_k1,
-        rerank_k2=rerank_k2,
-        rerank_lambda=rerank_lambda,
+        options=options,
         progress=progress,
     )
     return model.to(device), evaluator, state
@@ -325,11 +312,7 @@ def evaluate_checkpoint(
     device: torch.device,
     batch_size: int = 128,
     num_workers: int = 2,
-    flip: bool = False,
-    rerank: bool = False,
-    rerank_k1: int = 20,
-    rerank_k2: int = 6,
-    rerank_lambda: float = 0.3,
+    options: EvalConfig = EvalConfig(),
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
@@ -342,8 +325,7 @@ def evaluate_checkpoint(
         root: the data set folder (or its parent).
         device: where to run the model.
         batch_size, num_workers: of the extraction loaders.
-        flip: average features with horizontally flipped images.
-        rerank: k-reciprocal re-ranking with rerank_k1, rerank_k2, rerank_lambda (defaults 20, 6, 0.3).
+        options: flip averaging, k-reciprocal re-ranking and its k1, k2, lambda (default: neither).
         height, width: input size; default the checkpoint's training size.
         progress: progress bar.
 
@@ -357,11 +339,7 @@ def evaluate_checkpoint(
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
-        flip=flip,
-        rerank=rerank,
-        rerank_k1=rerank_k1,
-        rerank_k2=rerank_k2,
-        rerank_lambda=rerank_lambda,
+        options=options,
         height=height,
         width=width,
         progress=progress,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dualref import inference, io
+from dualref.config import EvalConfig
 from dualref.data import loaders
 from dualref.data.records import Sample
 
@@ -136,8 +137,7 @@ def ranking_from_checkpoint(
     device: torch.device,
     batch_size: int = 128,
     num_workers: int = 2,
-    flip: bool = False,
-    rerank: bool = False,
+    options: EvalConfig = EvalConfig(),
     progress: bool = True,
 ) -> Ranking:
     """A checkpoint's distances on a data set's query/gallery (the evaluation path's, at its input size)."""
@@ -148,8 +148,7 @@ def ranking_from_checkpoint(
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
-        flip=flip,
-        rerank=rerank,
+        options=options,
         progress=progress,
     )
     result = evaluator.evaluate(model, keep_dist=True)

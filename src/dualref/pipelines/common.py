@@ -216,7 +216,6 @@ def evaluator(
     options: EvalConfig | None = None,
 ) -> inference.Evaluator:
     """The query/gallery evaluation of `splits` at the run's input size (`options`: flip, re-ranking)."""
-    options = options or EvalConfig()
     return inference.Evaluator(
         splits,
         height=data.height,
@@ -226,11 +225,7 @@ def evaluator(
         num_workers=data.num_workers,
         cache=data.cache_images,
         amp_dtype=training.AMP_DTYPES[run.amp],
-        flip=options.flip,
-        rerank=options.rerank,
-        rerank_k1=options.rerank_k1,
-        rerank_k2=options.rerank_k2,
-        rerank_lambda=options.rerank_lambda,
+        options=options or EvalConfig(),
         progress=run.progress,
     )
 

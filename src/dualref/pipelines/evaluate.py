@@ -15,7 +15,7 @@ Options: flip averaging, k-reciprocal re-ranking (k1, k2, lambda), the cross-cam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dualref import evaluation, inference, io
+from dualref.config import EvalConfig
 from dualref.pipelines.extract import save_npy
 
 
@@ -30,11 +31,7 @@ from dualref.pipelines.extract import save_npy
 class EvaluateOptions:
     """The command's options (CLI flags, one to one)."""
 
-    flip: bool = False
-    rerank: bool = False
-    rerank_k1: int = 20
-    rerank_k2: int = 6
-    rerank_lambda: float = 0.3
+    ranking: EvalConfig = field(default_factory=EvalConfig)  # flip averaging; re-ranking, its k1, k2, lambda
     cross_camera: bool = False
     height: int | None = None
     width: int | None = None
@@ -65,16 +62,13 @@ def run_evaluate(
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
-        flip=options.flip,
-        rerank=options.rerank,
-        rerank_k1=options.rerank_k1,
-        rerank_k2=options.rerank_k2,
-        rerank_lambda=options.rerank_lambda,
+        options=options.ranking,
         height=options.height,
         width=options.width,
         progress=progress,
     )
     result = evaluator.evaluate(model, keep_dist=save_features is not None, cross_camera=options.cross_camera)
+    ranking = options.ranking
     record = {
         "checkpoint": str(checkpoint_path),
         "checkpoint_kind": state.get("kind"),
@@ -84,10 +78,10 @@ def run_evaluate(
         "num_query": len(evaluator.query),
         "num_gallery": len(evaluator.gallery),
         "options": {
-            "flip": options.flip,
-            "rerank": options.rerank,
-            **({"rerank_k1": options.rerank_k1, "rerank_k2": options.rerank_k2} if options.rerank else {}),
-            **({"rerank_lambda": options.rerank_lambda} if options.rerank else {}),
+            "flip": ranking.flip,
+            "rerank": ranking.rerank,
+            **({"rerank_k1": ranking.rerank_k1, "rerank_k2": ranking.rerank_k2} if ranking.rerank else {}),
+            **({"rerank_lambda": ranking.rerank_lambda} if ranking.rerank else {}),
             "height": evaluator.height,
             "width": evaluator.width,
         },
