@@ -182,14 +182,34 @@ def test_configs_are_frozen() -> None:
         DataConfig(batch_size=0)
 
 
-@pytest.mark.parametrize(
-    "path",
-    sorted(Path(__file__).resolve().parents[1].glob("configs/**/*pretrain*.yaml")),
-    ids=lambda p: f"{p.parent.name}/{p.name}",
-)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRETRAIN_CONFIGS = sorted(CONFIGS.glob("**/*pretrain*.yaml"))
+STUDY_FILES = sorted([*CONFIGS.glob("**/*.study.yaml"), *CONFIGS.glob("**/*.search.yaml")])
+ADAPT_CONFIGS = sorted(set(CONFIGS.glob("**/*.yaml")) - set(PRETRAIN_CONFIGS) - set(STUDY_FILES))
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_pretrain_configs_load(path: Path) -> None:
     cfg = load_config(PretrainConfig, path)
     assert cfg.data.batch_size % cfg.data.num_instances == 0
+
+
+@pytest.mark.parametrize("path", ADAPT_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_adaptation_configs_load(path: Path) -> None:
+    cfg = load_config(AdaptConfig, path)
+    assert cfg.data.source != cfg.data.target
+    assert cfg.source_checkpoint is not None and cfg.run.run_dir.startswith("runs/")
+
+
+def test_the_recipe_configs_are_the_full_configs_plus_the_recipe() -> None:
+    for direction in ("duke_to_market", "market_to_duke"):
+        full = config_to_dict(load_config(AdaptConfig, CONFIGS / direction / "full.yaml"))
+        recipe = config_to_dict(load_config(AdaptConfig, CONFIGS / direction / "recipe.yaml"))
+        full["clustering"]["max_cluster_share"] = 0.01
+        full["loss"]["triplet_feature"] = "pooled"
+        full["optim"]["schedule"] = "constant"
+        full["run"]["run_dir"] = f"runs/{direction}/recipe"
+        assert recipe == full
 
 
 def test_fixed_dbscan_eps_is_checked() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dualref.config import AdaptConfig, load_config
 from dualref.data import synthetic
 from dualref.pipelines import study
 
@@ -156,3 +157,32 @@ def test_a_row_with_a_bad_key_stops_the_study_before_any_run(study_file: Path) -
     with pytest.raises(ValueError, match=r"row 'b' \(seed 1\): unknown config key 'loss.bank_decay'"):
         study.run_study(study_file)
     assert not (Path(raw["out"]) / "a").exists()  # row a (first in order) was not started either
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted([*REPO.glob("configs/**/*.study.yaml"), *REPO.glob("configs/**/*.search.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_study_files_load_with_every_row(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # row configs are named from the repository root
+    parsed = study.load_study(path.relative_to(REPO))
+    assert set(parsed.plot) <= {row.name for row in parsed.rows}
+    for row in parsed.rows:
+        for seed in row.seeds:
+            cfg = load_config(AdaptConfig, str(row.config), [*row.overrides, f"run.seed={seed}"])
+            assert cfg.run.seed == seed
+
+
+def test_the_study_recipe_rows_are_the_shipped_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One recipe: the search's choice and the study's recipe rows set what configs/*/recipe.yaml changes.
+    monkeypatch.chdir(REPO)
+    recipe = {"clustering.max_cluster_share=0.01", "loss.triplet_feature=pooled", "optim.schedule=constant"}
+    wanted = [
+        ("duke_to_market.search.yaml", "cap_pooled_constant"),
+        ("duke_to_market.study.yaml", "recipe"),
+        ("market_to_duke.study.yaml", "recipe"),
+    ]
+    for name, row_name in wanted:
+        (row,) = [r for r in study.load_study(f"configs/cpu/study/{name}").rows if r.name == row_name]
+        assert set(row.overrides) - {"run.eval_every=0"} == recipe, name
