@@ -213,7 +213,7 @@ def evaluator(
     data: DataConfig,
     run: RunConfig,
     device: torch.device,
-    options: EvalConfig | None = None,
+    options: EvalConfig = EvalConfig(),
 ) -> inference.Evaluator:
     """The query/gallery evaluation of `splits` at the run's input size (`options`: flip, re-ranking)."""
     return inference.Evaluator(
@@ -225,7 +225,7 @@ def evaluator(
         num_workers=data.num_workers,
         cache=data.cache_images,
         amp_dtype=training.AMP_DTYPES[run.amp],
-        options=options or EvalConfig(),
+        options=options,
         progress=run.progress,
     )
 
