@@ -174,8 +174,8 @@ def test_shipped_study_files_load_with_every_row(path: Path, monkeypatch: pytest
             assert cfg.run.seed == seed
 
 
-def test_the_study_recipe_rows_are_the_shipped_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
-    # One recipe: the search's choice and the study's recipe rows set what configs/*/recipe.yaml changes.
+def test_the_recipe_is_one_set_of_keys_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The search's choice, the study's recipe rows and configs/*/recipe.yaml (full.yaml plus the same keys).
     monkeypatch.chdir(REPO)
     recipe = {"clustering.max_cluster_share=0.01", "loss.triplet_feature=pooled", "optim.schedule=constant"}
     wanted = [
@@ -186,3 +186,7 @@ def test_the_study_recipe_rows_are_the_shipped_recipe(monkeypatch: pytest.Monkey
     for name, row_name in wanted:
         (row,) = [r for r in study.load_study(f"configs/cpu/study/{name}").rows if r.name == row_name]
         assert set(row.overrides) - {"run.eval_every=0"} == recipe, name
+    for direction in ("duke_to_market", "market_to_duke"):
+        shipped = load_config(AdaptConfig, f"configs/{direction}/recipe.yaml")
+        full_plus = [*sorted(recipe), f"run.run_dir=runs/{direction}/recipe"]
+        assert shipped == load_config(AdaptConfig, f"configs/{direction}/full.yaml", full_plus), direction
