@@ -135,13 +135,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dualref.config import EvalConfig
     from dualref.pipelines import evaluate
 
-    ranking = EvalConfig(
-        flip=args.flip,
-        rerank=args.rerank,
-        rerank_k1=args.rerank_k1,
-        rerank_k2=args.rerank_k2,
-        rerank_lambda=args.rerank_lambda,
-    )
+    try:
+        ranking = EvalConfig(
+            flip=args.flip,
+            rerank=args.rerank,
+            rerank_k1=args.rerank_k1,
+            rerank_k2=args.rerank_k2,
+            rerank_lambda=args.rerank_lambda,
+        )
+    except ValueError as err:
+        # EvalConfig names its config keys (evaluation.rerank_k1); here the user typed the flags.
+        message = str(err)
+        for name in ("k1", "k2", "lambda"):
+            message = message.replace(f"evaluation.rerank_{name}=", f"--rerank-{name}=")
+        raise ValueError(message) from None
     options = evaluate.EvaluateOptions(
         ranking=ranking,
         cross_camera=args.cross_camera,
