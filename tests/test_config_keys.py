@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from dualref import training
 from dualref.config import ClusteringConfig, LossConfig, ModelConfig, OptimConfig
 from dualref.models.backbone import build_backbone
 from dualref.pipelines import adapt, common
@@ -107,8 +108,9 @@ ROWS = [
     Row("run.diagnostics_every", "0", False, "no gradient-share diagnostics"),
     Row("run.diagnostics_every", "1", False, "diagnostics at every iteration"),
     Row("run.progress", "true", False, "progress bars"),
-    Row("run.amp", "bf16", False, "autocast is CUDA-only: ignored on CPU"),
-    Row("run.channels_last", "true", False, "CUDA-only: ignored on CPU"),
+    Row("run.amp", "bf16", training.cpu_supports_bf16(), "bf16 autocast (float32 on a CPU without bf16)"),
+    Row("run.channels_last", "true", False, "auto is channels-last on the CPU already"),
+    Row("run.channels_last", "false", True, "contiguous convolutions sum in another order"),
     Row("data.cache_images", "false", False, "pixels decoded again instead of shared"),
     Row("run.seed", "2", True, "(control) another seed changes the weights"),
 ]

@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dualref import __version__
 
@@ -131,7 +131,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dualref import inference, training
+    from dualref import inference
     from dualref.config import EvalConfig
     from dualref.pipelines import evaluate
 
@@ -160,7 +160,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.dataset,
         args.root,
         options=options,
-        device=training.resolve_device(args.device, key="--device"),
+        **_compute(args),
         batch_size=args.batch_size,
         num_workers=args.workers,
         out=args.out,
@@ -180,7 +180,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from dualref import training
     from dualref.pipelines import extract
 
     written = extract.run_extract(
@@ -190,7 +189,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         root=args.root,
         split=args.split,
-        device=training.resolve_device(args.device, key="--device"),
+        **_compute(args),
         batch_size=args.batch_size,
         num_workers=args.workers,
         flip=args.flip,
@@ -205,7 +204,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from dualref import training, visualize
+    from dualref import visualize
     from dualref.config import EvalConfig
 
     if (args.checkpoint is None) == (args.saved is None):
@@ -215,13 +214,13 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     else:
         if args.dataset is None or args.root is None:
             raise ValueError("CHECKPOINT needs --dataset and --root (the query/gallery to rank)")
-        device = training.resolve_device(args.device, key="--device")
+        compute = _compute(args)
         rankings = [
             visualize.ranking_from_checkpoint(
                 path,
                 args.dataset,
                 args.root,
-                device=device,
+                **compute,
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 options=EvalConfig(flip=args.flip, rerank=args.rerank),
@@ -277,6 +276,28 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     parser.add_argument("--flip", action="store_true", help="average with horizontally flipped images")
+    parser.add_argument(
+        "--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16: CUDA only)"
+    )
+    parser.add_argument(
+        "--channels-last",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="memory format of the network (auto: channels-last on the CPU, where it is faster)",
+    )
+
+
+def _compute(args: argparse.Namespace) -> dict[str, Any]:
+    """device, amp_dtype and channels_last of the inference commands' flags, checked."""
+    from dualref import training
+
+    device = training.resolve_device(args.device, key="--device")
+    setting = {"true": True, "false": False}.get(args.channels_last, args.channels_last)
+    return {
+        "device": device,
+        "amp_dtype": training.resolve_amp(args.amp, device, key="--amp"),
+        "channels_last": training.resolve_channels_last(setting, device),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,9 +33,9 @@ def extract_features(
     (`ReidNet` returns its L2-normalised BN-neck feature). With `flip`, each row is the mean of the
     features of the image and of its horizontal mirror; every row is then L2-normalised.
 
-    On CUDA, images are moved in channels-last format (put the model in channels-last too for the
-    full benefit) and, with `amp_dtype` (torch.bfloat16 or torch.float16), run under autocast.
-    On other devices `amp_dtype` is ignored (logged) and everything runs in float32.
+    Images take the model's memory format (channels-last when its convolutions are) and, with
+    `amp_dtype` (torch.bfloat16, or torch.float16 on CUDA; `training.resolve_amp`), run under autocast;
+    the returned features are float32 either way.
 
     Args:
         model: Network whose eval-mode forward maps [B, 3, H, W] to [B, D].
@@ -46,7 +46,7 @@ def extract_features(
         flip: Average with the horizontally flipped image's features.
         progress: Show a tqdm bar with ETA (only when stderr is a terminal).
         desc: Label of the progress bar.
-        amp_dtype: Autocast dtype on CUDA, or None for float32.
+        amp_dtype: Autocast dtype, or None for float32.
 
     Returns:
         [N, D] float32 CPU tensor, row i = dataset item i, L2-normalised.
@@ -55,9 +55,7 @@ def extract_features(
         ValueError: The indices do not cover the data set exactly once, or the model's eval output
             is not a [B, D] tensor.
     """
-    on_cuda = device.type == "cuda"
-    if amp_dtype is not None and not on_cuda:
-        log.info("amp_dtype=%s ignored on %s: extracting in float32", amp_dtype, device)
+    memory_format = torch.channels_last if training.is_channels_last(model) else torch.contiguous_format
     dataset = getattr(loader, "dataset", None)
     expected_rows = len(dataset) if isinstance(dataset, Sized) else None
     was_training = model.training
@@ -73,11 +71,7 @@ def extract_features(
                 dynamic_ncols=True,
             )
             for images, _labels, _camids, indices in bar:
-                images = images.to(
-                    device,
-                    non_blocking=True,
-                    memory_format=torch.channels_last if on_cuda else torch.preserve_format,
-                )
+                images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                 features = _model_features(model, images)
                 if flip:
                     features = features + _model_features(model, images.flip(3))

@@ -128,7 +128,7 @@ class Evaluator:
         height, width: network input size.
         batch_size, num_workers, cache: of the extraction loaders.
         device: where the model runs.
-        amp_dtype: autocast dtype on CUDA.
+        amp_dtype: autocast dtype (None: float32).
         options: flip averaging and k-reciprocal re-ranking (default: neither, the standard protocol).
         progress: progress bars.
     """
@@ -265,6 +265,8 @@ def checkpoint_evaluator(
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> tuple[ReidNet, Evaluator, dict[str, Any]]:
     """A saved model (on `device`, eval mode), the evaluation of a data set at its input size, its state.
 
@@ -286,8 +288,9 @@ def checkpoint_evaluator(
         num_workers=num_workers,
         options=options,
         progress=progress,
+        amp_dtype=amp_dtype,
     )
-    return model.to(device), evaluator, state
+    return training.place_model(model, device, channels_last), evaluator, state
 
 
 def format_cross_camera(breakdown: evaluation.CrossCameraMAP) -> str:
@@ -372,7 +375,9 @@ class FeatureExtractor:
         flip: average each feature with its horizontally flipped image's (then re-normalise).
         batch_size: images per forward pass.
         height, width: input size; default the checkpoint's.
-        amp_dtype: autocast dtype on CUDA (torch.bfloat16 / torch.float16), None for float32.
+        amp_dtype: autocast dtype (torch.bfloat16; torch.float16 on CUDA only), None for float32.
+        channels_last: the network in channels-last layout: True, False or "auto" (on the CPU, where it is
+            faster; `training.resolve_channels_last`).
 
     Example::
 
@@ -391,6 +396,7 @@ class FeatureExtractor:
         height: int | None = None,
         width: int | None = None,
         amp_dtype: torch.dtype | None = None,
+        channels_last: bool | str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}; expected >= 1")
@@ -402,7 +408,8 @@ class FeatureExtractor:
             raise ValueError(f"{checkpoint}: {err}") from None
         self.height, self.width = height or stored[0], width or stored[1]
         self.device = training.resolve_device(str(device), key="device")
-        self.model = model.to(self.device)
+        channels_last = training.resolve_channels_last(channels_last, self.device)
+        self.model = training.place_model(model, self.device, channels_last)
         self.feat_dim: int = model.feat_dim
         self.flip, self.batch_size, self.amp_dtype = flip, batch_size, amp_dtype
         self.checkpoint_kind = str(state.get("kind"))

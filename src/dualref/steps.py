@@ -204,8 +204,8 @@ def train_source_epoch(
         triplet_margin: None = soft margin (reference), else the hinge margin.
         target_loader_iter: target batches of the same form (labels ignored), one per source batch;
             None disables the BatchNorm adaptation.
-        amp_dtype: torch.bfloat16 / torch.float16 for autocast on CUDA; ignored on CPU.
-        channels_last: channels-last inputs on CUDA; ignored on CPU.
+        amp_dtype: autocast dtype (torch.bfloat16; torch.float16 on CUDA only), None for float32.
+        channels_last: channels-last inputs (the model in channels-last too).
         progress: show a progress bar with ETA.
         epoch: 0-based epoch, for the progress bar and error messages.
         ranks: under torchrun, `loader` yields this rank's rows and `model` is in DDP: the outputs are
@@ -288,8 +288,8 @@ def train_target_epoch(
         loss: the loss settings (`loss.*`).
         device: where the model lives.
         spread_weight: mu for this epoch (None: `loss.spread_weight`; set by a ramp-up).
-        amp_dtype: autocast dtype on CUDA (None: float32).
-        channels_last: channels-last inputs on CUDA.
+        amp_dtype: autocast dtype (None: float32; `training.resolve_amp`).
+        channels_last: channels-last inputs (the model in channels-last too).
         progress: show a progress bar.
         epoch: 0-based epoch, for messages.
         diagnostics_every: every this many iterations, record each weighted term's gradient norm at

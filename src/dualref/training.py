@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from dualref.memory_bank import InPlaceAdam
 
 log = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 SCHEDULES = ("warmup_multistep", "step", "constant")
 # run.amp -> autocast dtype (None: float32).
@@ -228,16 +230,84 @@ class DivergenceWatch:
             )
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX); else it is emulated, slowly."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_amp(amp: str, device: torch.device, *, key: str = "run.amp") -> torch.dtype | None:
+    """The autocast dtype of config value `amp` (`AMP_DTYPES`) on `device`, or a ValueError.
+
+    On the CPU, bf16 autocasts the convolutions and matrix products (oneDNN; AMX where present) while
+    BatchNorm statistics, the losses and the memory bank stay in float32, as on CUDA. fp16 is refused
+    there (CPU autocast has no fp16 kernels worth using and no GradScaler); bf16 on a CPU without native
+    support runs in float32, said once.
+    """
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"{key}={amp!r} is not valid; expected one of {list(AMP_DTYPES)}")
+    dtype = AMP_DTYPES[amp]
+    if device.type != "cpu" or dtype is None:
+        return dtype
+    if dtype == torch.float16:
+        raise ValueError(f"{key}=fp16 is not supported on the CPU; use bf16 (or none for float32)")
+    if not cpu_supports_bf16():
+        _warn_no_bf16(key)
+        return None
+    return dtype
+
+
+@functools.cache
+def _warn_no_bf16(key: str) -> None:
+    log.warning("%s=bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); running float32", key)
+
+
+def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """Whether a run uses the channels-last memory format: `setting` true/false, or "auto".
+
+    "auto" is channels-last on the CPU, where oneDNN's convolutions are faster in it for every trunk
+    measured (MobileNetV2 1.3x, ResNet-50 up to 1.6x at 256x128; benchmarks/results/throughput.md), and
+    the contiguous format on CUDA, whose fp32 step was measured only that way.
+    """
+    if setting == "auto":
+        return device.type == "cpu"
+    return bool(setting)
+
+
+def numerics_name(amp_dtype: torch.dtype | None, channels_last: bool) -> str:
+    """How a stage computes, for the log: e.g. "bf16 autocast, channels-last"."""
+    precision = "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    return f"{precision}, {'channels-last' if channels_last else 'contiguous'}"
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to `amp_dtype` on CUDA; elsewhere (or with None) a no-op: the run stays in float32."""
-    if amp_dtype is None or device.type != "cuda":
+    """Autocast to `amp_dtype` (None: a no-op, the run stays in float32); `resolve_amp` vets the pair."""
+    if amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=amp_dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def images_to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    """A batch of images on `device`, in channels-last layout when asked for and on CUDA."""
+    """A batch of images on `device`, in channels-last layout when asked for."""
     images = images.to(device, non_blocking=True)
-    if channels_last and device.type == "cuda":
+    if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
+
+
+def place_model(model: ModelT, device: torch.device, channels_last: bool) -> ModelT:
+    """`model` on `device`, its convolutions in channels-last layout when asked (inputs then follow it:
+    `images_to_device`, `extraction.extract_features`)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether `model`'s convolution weights are in channels-last layout (judged by the first weight
+    whose two layouts differ: a 1x1 or single-channel kernel is both)."""
+    for parameter in model.parameters():
+        if parameter.dim() != 4:
+            continue
+        last = parameter.is_contiguous(memory_format=torch.channels_last)
+        if last != parameter.is_contiguous():
+            return last
+    return False

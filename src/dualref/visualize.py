@@ -139,8 +139,11 @@ def ranking_from_checkpoint(
     num_workers: int = 2,
     options: EvalConfig = EvalConfig(),
     progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Ranking:
-    """A checkpoint's distances on a data set's query/gallery (the evaluation path's, at its input size)."""
+    """A checkpoint's distances on a data set's query/gallery (the evaluation path's, at its input size;
+    `amp_dtype` and `channels_last` as in `inference.checkpoint_evaluator`)."""
     model, evaluator, state = inference.checkpoint_evaluator(
         checkpoint_path,
         dataset,
@@ -150,6 +153,8 @@ def ranking_from_checkpoint(
         num_workers=num_workers,
         options=options,
         progress=progress,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
     )
     result = evaluator.evaluate(model, keep_dist=True)
     assert result.dist is not None

@@ -74,7 +74,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
     Returns:
         The run folder.
     """
-    device, amp_dtype = common.start_process(cfg.run)
+    device, amp_dtype, channels_last = common.start_process(cfg.run)
     ranks, device = distributed.init_from_env(device)  # torchrun: this rank's device (docs/distributed.md)
     cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
     if ranks.distributed and cluster_device.type == "cuda":
@@ -88,10 +88,10 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
     distributed.batch_rows(cfg.data.batch_size, ranks)  # refuses a batch the ranks cannot share
     with common.open_run(run_dir, cfg, resume, ranks) as run:
         target = _load_target(cfg, target)
-        log.info("device %s, %d process(es)", device, ranks.world_size)
+        common.log_compute(device, amp_dtype, channels_last, ranks.world_size)
         images = TargetImages(paths=[s.path for s in target.train], camids=[s.camid for s in target.train])
         monitor_pids = _monitoring_pids(target.train)
-        model = _build_model(cfg, device, source, resumed=own_checkpoint)
+        model = _build_model(cfg, device, channels_last, source, resumed=own_checkpoint)
         # An unlabelled target (no query, no gallery) trains all the same, without target scores; one
         # split without the other was refused by `_require_target`. Only rank 0 evaluates.
         labelled = bool(target.query or target.gallery)
@@ -144,7 +144,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
                     device=device,
                     spread_weight=mu,
                     amp_dtype=amp_dtype,
-                    channels_last=cfg.run.channels_last,
+                    channels_last=channels_last,
                     progress=cfg.run.progress,
                     epoch=epoch,
                     diagnostics_every=cfg.run.diagnostics_every,
@@ -394,7 +394,12 @@ def _epoch_summary(record: dict[str, Any]) -> str:
 
 
 def _build_model(
-    cfg: AdaptConfig, device: torch.device, source: dict[str, Any] | None, *, resumed: bool
+    cfg: AdaptConfig,
+    device: torch.device,
+    channels_last: bool,
+    source: dict[str, Any] | None,
+    *,
+    resumed: bool,
 ) -> ReidNet:
     """The network to adapt: the source checkpoint's trunk and neck (its classifier is dropped).
 
@@ -411,10 +416,7 @@ def _build_model(
     if source is not None:
         load_trunk_and_neck(model, source["model"])
         log.info("started from source checkpoint %s", cfg.source_checkpoint)
-    model = model.to(device)
-    if cfg.run.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return training.place_model(model, device, channels_last)
 
 
 def _train_loader(

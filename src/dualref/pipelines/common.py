@@ -24,12 +24,26 @@ from dualref.models.reid_net import ReidNet
 log = logging.getLogger("dualref")
 
 
-def start_process(run: RunConfig) -> tuple[torch.device, torch.dtype | None]:
-    """Seed every RNG, set the torch threads; the run's device and AMP dtype."""
+def start_process(run: RunConfig) -> tuple[torch.device, torch.dtype | None, bool]:
+    """Seed every RNG, set the torch threads; the run's device, AMP dtype and channels-last choice.
+
+    Every stage that runs the network (training, extraction for clustering, evaluation) computes this
+    way; the pipelines log it once the run folder is open (`log_compute`).
+    """
     seeding.seed_everything(run.seed)
     if run.threads:
         torch.set_num_threads(run.threads)
-    return training.resolve_device(run.device), training.AMP_DTYPES[run.amp]
+    device = training.resolve_device(run.device)
+    amp_dtype = training.resolve_amp(run.amp, device)
+    return device, amp_dtype, training.resolve_channels_last(run.channels_last, device)
+
+
+def log_compute(
+    device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, processes: int
+) -> None:
+    """The run log's line on where and how the network computes, in every stage."""
+    numerics = training.numerics_name(amp_dtype, channels_last)
+    log.info("device %s, %d process(es); training, extraction, evaluation: %s", device, processes, numerics)
 
 
 def run_folder(run: RunConfig, resume: str | Path | None) -> Path:
@@ -116,7 +130,7 @@ def build_model(
     device: torch.device,
     channels_last: bool,
 ) -> ReidNet:
-    """The re-ID network of `model.*` on `device` (channels-last on CUDA when asked)."""
+    """The re-ID network of `model.*` on `device` (channels-last when asked)."""
     model = ReidNet(
         model_cfg.arch,
         num_classes,
@@ -125,10 +139,8 @@ def build_model(
         stem_relu=model_cfg.stem_relu,
         neck_relu=model_cfg.neck_relu,
         bn_groups=model_cfg.bn_groups,
-    ).to(device)
-    if channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    )
+    return training.place_model(model, device, channels_last)
 
 
 def test_loader(
@@ -224,7 +236,7 @@ def evaluator(
         batch_size=data.test_batch_size,
         num_workers=data.num_workers,
         cache=data.cache_images,
-        amp_dtype=training.AMP_DTYPES[run.amp],
+        amp_dtype=training.resolve_amp(run.amp, device),
         options=options,
         progress=run.progress,
     )

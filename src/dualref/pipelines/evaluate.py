@@ -49,8 +49,13 @@ def run_evaluate(
     out: str | Path | None = None,
     save_features: str | Path | None = None,
     progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> tuple[inference.EvaluationResult, dict[str, Any]]:
     """Evaluate a checkpoint; write results.json and the features when asked.
+
+    `amp_dtype` and `channels_last`: how the network computes (`training.resolve_amp`,
+    `training.resolve_channels_last`); the metrics are computed in float32 either way.
 
     Returns:
         The evaluation and its JSON record (what `out` receives).
@@ -66,6 +71,8 @@ def run_evaluate(
         height=options.height,
         width=options.width,
         progress=progress,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
     )
     result = evaluator.evaluate(model, keep_dist=save_features is not None, cross_camera=options.cross_camera)
     ranking = options.ranking

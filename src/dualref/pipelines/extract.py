@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dualref import extraction, inference, io
+from dualref import extraction, inference, io, training
 from dualref.data import datasets, loaders
 from dualref.data.records import Sample
 
@@ -56,6 +56,8 @@ def run_extract(
     flip: bool = False,
     skip_unreadable: bool = False,
     progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> list[ExtractedSplit]:
     """Extract and save the features of a data set split (or all three) or of every image under a folder.
 
@@ -70,6 +72,8 @@ def run_extract(
         flip: average with horizontally flipped images.
         skip_unreadable: drop images that do not decode (each logged) instead of failing on the first.
         progress: progress bar.
+        amp_dtype, channels_last: how the network computes (`training.resolve_amp`,
+            `training.resolve_channels_last`); the features are float32 either way.
 
     Returns:
         One record per split written.
@@ -80,7 +84,7 @@ def run_extract(
         height, width = inference.input_size(state)
     except ValueError as err:
         raise ValueError(f"{checkpoint_path}: {err}") from None
-    model = model.to(device)
+    model = training.place_model(model, device, channels_last)
     written = []
     for name, samples, labelled in groups:
         if skip_unreadable:
@@ -95,7 +99,9 @@ def run_extract(
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
         )
-        features = extraction.extract_features(model, loader, device, flip=flip, progress=progress, desc=name)
+        features = extraction.extract_features(
+            model, loader, device, flip=flip, progress=progress, desc=name, amp_dtype=amp_dtype
+        )
         folder = Path(out) / name if len(groups) > 1 else Path(out)
         meta = {
             "checkpoint": str(checkpoint_path),

@@ -46,7 +46,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
     run_dir = common.run_folder(cfg.run, resume)
     # Everything that can be checked is checked before the run folder is written, so that a retry into
     # the same folder starts afresh and a resumed run's config.yaml never takes a bad value.
-    device, amp_dtype = common.start_process(cfg.run)
+    device, amp_dtype, channels_last = common.start_process(cfg.run)
     ranks, device = distributed.init_from_env(device)  # torchrun: this rank's device (docs/distributed.md)
     if resume is not None:
         common.check_resume(run_dir, "pretrain", cfg.model.arch, ranks)
@@ -57,7 +57,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
         if target is not None:
             target = common.without_unreadable(target, skip_unreadable=data.skip_unreadable)
         _require_data(cfg, source, target)  # again: dropping unreadable images may empty a split
-        log.info("device %s, %d process(es)", device, ranks.world_size)
+        common.log_compute(device, amp_dtype, channels_last, ranks.world_size)
         labels = relabel_pids(source.train)
         log.info("source %s: %d images of %d identities", source.name, len(labels), max(labels) + 1)
         model = common.build_model(
@@ -65,7 +65,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
             max(labels) + 1,
             pretrained=cfg.model.pretrained,
             device=device,
-            channels_last=cfg.run.channels_last,
+            channels_last=channels_last,
         )
         optimizer = training.build_adam(
             model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
@@ -122,7 +122,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                     triplet_margin=cfg.loss.triplet_margin,
                     target_loader_iter=target_iter,
                     amp_dtype=amp_dtype,
-                    channels_last=cfg.run.channels_last,
+                    channels_last=channels_last,
                     progress=cfg.run.progress,
                     epoch=epoch,
                     ranks=ranks,
