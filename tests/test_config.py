@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from dualref.config import (
+    BASELINE_OVERRIDES,
     AdaptConfig,
     DataConfig,
     LossConfig,
@@ -200,6 +201,20 @@ def test_shipped_adaptation_configs_load(path: Path) -> None:
     assert cfg.data.source != cfg.data.target
     assert cfg.source_checkpoint is not None and cfg.run.run_dir.startswith("runs/")
 
+
+
+BASELINE_CONFIGS = sorted(CONFIGS.glob("**/baseline.yaml"))
+
+
+@pytest.mark.parametrize("path", BASELINE_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_baselines_are_the_baseline_overrides(path: Path) -> None:
+    """Every baseline.yaml is the adaptation defaults plus exactly `BASELINE_OVERRIDES` in loss.* and
+    optim.schedule (the demo applies the same tuple), and the full method's file is the defaults there."""
+    expected = load_config(AdaptConfig, None, BASELINE_OVERRIDES)
+    baseline, full = load_config(AdaptConfig, path), load_config(AdaptConfig, path.parent / "full.yaml")
+    assert baseline.loss == expected.loss and baseline.optim.schedule == expected.optim.schedule
+    assert full.loss == AdaptConfig().loss and full.optim.schedule == AdaptConfig().optim.schedule
+    assert len(BASELINE_CONFIGS) == 4
 
 
 def test_fixed_dbscan_eps_is_checked() -> None:

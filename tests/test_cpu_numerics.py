@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import tiny_pretrain
 from dualref import checkpoint, cli, extraction, inference, steps, training
 from dualref.config import LossConfig, RunConfig
 from dualref.memory_bank import InstantMemoryBank
@@ -173,4 +176,51 @@ def test_fp16_on_cpu_is_refused_before_anything_is_written(
     argv = [command, "--set", "run.amp=fp16", "--set", "run.device=auto", "--set", f"run.run_dir={run_dir}"]
     assert cli.main(argv) == 2
     assert "run.amp=fp16 is not supported on the CPU" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+class _Probe(nn.Module):
+    """A conv net whose autocast output is wrong in a chosen way (the faults `check_autocast` catches)."""
+
+    def __init__(self, fault: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fault = fault
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = F.normalize(self.conv(x).flatten(1).float(), dim=1)
+        if not torch.is_autocast_enabled(x.device.type):
+            return features
+        self.calls += 1
+        if self.fault == "wrong":
+            return features.flip(1)  # a repeatable, wrong vector
+        if self.fault == "varying":
+            return F.normalize(features + 1e-3 * self.calls, dim=1)  # nearly right, never the same twice
+        return features
+
+
+FAULTS = [("wrong", r"cosine to float32 -?0\.\d{3}, repeatable"), ("varying", "not repeatable")]
+
+
+@pytest.mark.parametrize(("fault", "message"), FAULTS)
+def test_check_autocast_refuses_a_wrong_or_varying_autocast(fault: str, message: str) -> None:
+    probe = _Probe(fault).train()
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=rf"bfloat16 autocast computes this network wrongly .*{message}"):
+        training.check_autocast(probe, torch.bfloat16, CPU, (16, 8))
+    assert probe.training  # its mode is kept
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run's RNG stream is untouched
+    training.check_autocast(_Probe("none"), torch.bfloat16, CPU, (16, 8))  # a healthy one passes
+    training.check_autocast(_Probe("wrong"), None, CPU, (16, 8))  # float32: nothing to check
+
+
+def test_a_refused_autocast_writes_no_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise ValueError("bf16 autocast computes this network wrongly (test)")
+
+    monkeypatch.setattr(training, "check_autocast", refuse)
+    run_dir = tmp_path / "run"
+    sets = tiny_pretrain.overrides(tiny_pretrain.write_domains(tmp_path / "data"), run_dir, "run.amp=bf16")
+    assert cli.main(["pretrain", *(arg for item in sets for arg in ("--set", item))]) == 2
     assert not run_dir.exists()

@@ -60,7 +60,7 @@ def test_evaluate_with_every_option_writes_results_and_features(
 
     record = json.loads(results.read_text())
     options = {"flip": True, "rerank": True, "rerank_k1": 7, "rerank_k2": 3, "rerank_lambda": 0.2}
-    assert record["options"] == {**options, "height": 32, "width": 16}
+    assert record["options"] == {**options, "height": 32, "width": 16, "numerics": "float32, channels-last"}
     assert 0 <= record["mAP"] <= 1 and len(record["cmc"]) == 20
     splits = datasets.load_dataset("market1501", target_root)
     dist = np.load(saved / "dist.npy")

@@ -188,3 +188,20 @@ def test_extract_bad_input_is_one_line_naming_it(
     assert len(err) == 1 and err[0].startswith("dualref: error: ") and message in err[0], err
     named = {"empty_folder": "images", "wrong_kind": "study.pt", "not_a_checkpoint": "weights.pt"}
     assert setup not in named or named[setup] in err[0]
+
+
+def test_extract_numerics_flags(model_path: Path, target_root: Path, tmp_path: Path) -> None:
+    """--channels-last and --amp reach the network and meta.json; fp16 on the CPU is refused before the
+    output folder exists. (bf16's numbers: tests/test_cpu_numerics.py.)"""
+    argv = ["extract", str(model_path), "--dataset", "market1501", "--root", str(target_root)]
+    argv += ["--split", "query", "--workers", "0", "--device", "cpu", "--out"]
+    assert cli.main([*argv, str(tmp_path / "contiguous"), "--channels-last", "false"]) == 0
+    meta = json.loads((tmp_path / "contiguous" / "meta.json").read_text())
+    assert meta["numerics"] == "float32, contiguous"
+    paths = [Path(p) for p in (tmp_path / "contiguous" / "paths.txt").read_text().splitlines()]
+    features = torch.from_numpy(np.load(tmp_path / "contiguous" / "features.npy"))
+    torch.testing.assert_close(features, _reference(model_path, paths), rtol=0, atol=1e-6)
+    assert cli.main([*argv, str(tmp_path / "auto")]) == 0
+    assert json.loads((tmp_path / "auto" / "meta.json").read_text())["numerics"] == "float32, channels-last"
+    assert cli.main([*argv, str(tmp_path / "fp16"), "--amp", "fp16"]) == 2
+    assert not (tmp_path / "fp16").exists()

@@ -346,6 +346,17 @@ class PretrainConfig:
         _check_bn_groups(self.data, self.model)
 
 
+# The clustering baseline (the authors' baseline script: coarse labels only, no memory, the triplet on the
+# pooled feature, a constant learning rate) as overrides of the adaptation defaults, which are
+# Dual-Refinement's. configs/*/baseline.yaml set exactly these (tests/test_config.py); the demo applies them.
+BASELINE_OVERRIDES = (
+    "loss.refined_weight=0.0",
+    "loss.spread_weight=0.0",
+    "loss.triplet_feature=pooled",
+    "optim.schedule=constant",
+)
+
+
 def _adapt_optim() -> OptimConfig:
     return OptimConfig(epochs=40, iters_per_epoch=400, schedule="step", lr_decay_epochs=20)
 

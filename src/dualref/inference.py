@@ -290,7 +290,9 @@ def checkpoint_evaluator(
         progress=progress,
         amp_dtype=amp_dtype,
     )
-    return training.place_model(model, device, channels_last), evaluator, state
+    model = training.place_model(model, device, channels_last)
+    training.check_autocast(model, amp_dtype, device, (height, width))
+    return model, evaluator, state
 
 
 def format_cross_camera(breakdown: evaluation.CrossCameraMAP) -> str:
@@ -410,6 +412,7 @@ class FeatureExtractor:
         self.device = training.resolve_device(str(device), key="device")
         channels_last = training.resolve_channels_last(channels_last, self.device)
         self.model = training.place_model(model, self.device, channels_last)
+        training.check_autocast(self.model, amp_dtype, self.device, (self.height, self.width))
         self.feat_dim: int = model.feat_dim
         self.flip, self.batch_size, self.amp_dtype = flip, batch_size, amp_dtype
         self.checkpoint_kind = str(state.get("kind"))

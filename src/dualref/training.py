@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dualref.memory_bank import InPlaceAdam
@@ -271,6 +272,54 @@ def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
     if setting == "auto":
         return device.type == "cpu"
     return bool(setting)
+
+
+# bf16 features of a healthy network are within ~0.5 % of float32 (cosine > 0.99 measured for MobileNetV2 and
+# the tiny net); oneDNN's bf16 convolutions on maps of a few pixels have returned wrong, run-to-run varying
+# values instead (torch 2.14.1: cosine 0 for the tiny net at 32x16), which this threshold catches.
+AUTOCAST_MIN_COSINE = 0.95
+
+
+@torch.no_grad()
+def check_autocast(
+    model: nn.Module, amp_dtype: torch.dtype | None, device: torch.device, size: tuple[int, int]
+) -> None:
+    """Refuse an autocast that computes this network wrongly at this input size, before anything runs.
+
+    One batch of random images (a private generator: the run's RNG streams are untouched) goes through the
+    model in eval mode in float32 and twice under autocast; a feature row whose cosine to float32 is below
+    `AUTOCAST_MIN_COSINE`, or two autocast passes that differ, raise a ValueError naming the setting.
+
+    Args:
+        model: a `ReidNet` on `device` (its eval output: [B, D] L2-normalised features); its mode is kept.
+        amp_dtype: the autocast dtype (None: nothing to check).
+        device: where the model runs.
+        size: (height, width) of the network input.
+    """
+    if amp_dtype is None:
+        return
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, *size, generator=generator).to(device)
+    if is_channels_last(model):
+        images = images.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(images).float()
+        with autocast(device, amp_dtype):
+            first, second = model(images).float(), model(images).float()
+    finally:
+        model.train(was_training)
+    cosine = float(F.cosine_similarity(first, expected, dim=1).min())
+    if cosine < AUTOCAST_MIN_COSINE or not torch.equal(first, second):
+        name = str(amp_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"{name} autocast computes this network wrongly on {device.type} at input size "
+            f"{size[0]}x{size[1]} (feature cosine to float32 {cosine:.3f}, "
+            f"{'repeatable' if torch.equal(first, second) else 'not repeatable'}; a fault of the "
+            "low-precision convolutions on small feature maps): use run.amp=none (--amp none), "
+            "or a larger input size"
+        )
 
 
 def numerics_name(amp_dtype: torch.dtype | None, channels_last: bool) -> str:

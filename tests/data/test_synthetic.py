@@ -346,3 +346,41 @@ def test_raw_pixel_nearest_neighbour_is_far_from_solving_the_task(
     # (benchmarks/bench_synthetic.py --cnn).
     assert mean_ap < 0.2
     assert rank1 < 0.4
+
+
+def _clothing_key(traits: synthetic.IdentityTraits, row: int) -> bytes:
+    names = synthetic.traits.CLOTHING_TRAITS
+    return b"".join(np.asarray(getattr(traits, name)[row]).tobytes() for name in names)
+
+
+def test_lookalike_groups_share_clothes_and_differ_in_small_traits() -> None:
+    style = dataclasses.replace(TINY.style, lookalike_share=0.5, lookalike_group_size=2)
+    config = dataclasses.replace(TINY, num_train_ids=12, num_test_ids=8, style=style)
+    plan = synthetic.plan_domain(config, seed=3)
+    traits, num_train, num_real = plan.identities, config.num_train_ids, 20
+    by_clothes: dict[bytes, list[int]] = defaultdict(list)
+    for row in range(num_real):
+        by_clothes[_clothing_key(traits, row)].append(row)
+    groups = [rows for rows in by_clothes.values() if len(rows) > 1]
+    # Half of each block (12 train, 8 test identities) in pairs: 3 train pairs and 2 test pairs.
+    assert sorted(len(g) for g in groups) == [2] * 5
+    assert sum(g[0] < num_train for g in groups) == 3
+    for group in groups:
+        assert all((row < num_train) == (group[0] < num_train) for row in group)  # never across splits
+        # The smaller traits are each identity's own draw: the pair differs in at least one of them.
+        small = [np.asarray(getattr(traits, name)[group]) for name in ("shoes", "hair", "height", "build")]
+        assert any(not np.array_equal(values[0], values[1]) for values in small)
+    # Without look-alikes every identity dresses alike with nobody, and every draw of the plan is the same
+    # as with them except the copied clothes: the look-alikes have a random stream of their own.
+    plain = synthetic.plan_domain(dataclasses.replace(config, style=TINY.style), seed=3)
+    assert len({_clothing_key(plain.identities, row) for row in range(num_real)}) == num_real
+    assert np.array_equal(plain.identities.shoes, traits.shoes)
+    assert np.array_equal(plain.views.camid, plan.views.camid)
+    grouped_rows = [row for g in groups for row in g[1:]]
+    others = np.setdiff1d(np.arange(num_real), grouped_rows)
+    assert np.array_equal(plain.identities.upper[others], traits.upper[others])
+
+
+def test_lookalike_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"lookalike_share=1\.5"):
+        dataclasses.replace(TINY, style=dataclasses.replace(TINY.style, lookalike_share=1.5))

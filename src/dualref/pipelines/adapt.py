@@ -85,6 +85,7 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
     own_checkpoint = resume is not None and common.check_resume(run_dir, "adapt", cfg.model.arch, ranks)
     source = None if own_checkpoint else _source_state(cfg)  # a run's own checkpoint holds the weights
     target = _parse_target(cfg)
+    common.check_numerics(cfg.model, (cfg.data.height, cfg.data.width), device, amp_dtype, channels_last)
     distributed.batch_rows(cfg.data.batch_size, ranks)  # refuses a batch the ranks cannot share
     with common.open_run(run_dir, cfg, resume, ranks) as run:
         target = _load_target(cfg, target)

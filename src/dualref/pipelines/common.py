@@ -143,6 +143,21 @@ def build_model(
     return training.place_model(model, device, channels_last)
 
 
+def check_numerics(
+    model_cfg: ModelConfig,
+    size: tuple[int, int],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> None:
+    """`training.check_autocast` on a randomly initialised network of the run's architecture, before the
+    run folder is written (the fault it catches depends on the shapes, not on the weights)."""
+    if amp_dtype is None:
+        return
+    probe = build_model(model_cfg, 1, pretrained=None, device=device, channels_last=channels_last)
+    training.check_autocast(probe, amp_dtype, device, size)
+
+
 def test_loader(
     paths: Sequence[Path], data: DataConfig, device: torch.device, *, cache: bool | None = None
 ) -> Any:

@@ -1,16 +1,19 @@
 """`dualref demo`: the whole method on the synthetic domain pair, with no data, weights or network.
 
-Steps: render the synthetic pair (``synth_a`` = labelled source, ``synth_b`` = unlabelled target, with
-milder per-camera variation than the stock one: `demo_target_config`), train the `tiny` network on the
-source, evaluate it on the target (direct transfer), adapt it to the target with the clustering baseline and
-with Dual-Refinement, then print a comparison table and write ``report.md`` with plots. Every step is an
-ordinary run folder under ``out`` (config.yaml, run.log, metrics.jsonl, checkpoint), so each can be
-inspected, evaluated (`dualref evaluate`) or re-run with `dualref pretrain` / `dualref adapt` and the saved
-config.yaml.
+Steps: render the synthetic pair (``synth_a`` = labelled source, ``synth_b`` = unlabelled target with
+look-alike identities and the demo's camera styles: `demo_target_config`), train the `tiny` network on the
+source and evaluate it on the target (direct transfer, once), then adapt it to the target with the
+clustering baseline and with Dual-Refinement over three seeds each (a `dualref study`, two runs at a time),
+and write ``report.md`` / ``report.json`` with mean ± std, the per-epoch label figures and two plots (the
+paper's Fig. 3(b) with bands, and Fig. 3(a): F-score of the coarse and refined labels). The method settings
+are the shipped configs' (`AdaptConfig` defaults; the baseline adds `BASELINE_OVERRIDES`); only the length,
+the image size, the network and the batch are scaled down. Every run is an ordinary run folder under ``out``
+(config.yaml, run.log, metrics.jsonl, checkpoint), so each can be inspected, evaluated (`dualref evaluate`)
+or re-run with `dualref pretrain` / `dualref adapt` and its config.yaml.
 
-Sizes are chosen so that the default demo takes a few minutes on 2 CPU cores and ``--quick`` well under a
-minute (a smoke test: its numbers mean little). Torch runs one intra-op thread: the network is small, and on
-a shared machine two threads can be many times slower than one.
+Sizes are chosen so that the default demo takes a few minutes on 2 CPU cores and ``--quick`` (one seed, a
+smoke test whose numbers mean little) well under a minute. Torch runs one intra-op thread per run: the
+network is small, and two runs side by side use two cores better than one run with two threads.
 """
 
 from __future__ import annotations
@@ -18,31 +21,45 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dualref import io, report
 from dualref.config import (
+    BASELINE_OVERRIDES,
     AdaptConfig,
-    ClusteringConfig,
     DataConfig,
-    LossConfig,
     ModelConfig,
     OptimConfig,
     PretrainConfig,
     RunConfig,
+    save_config,
 )
 from dualref.data import synthetic
-from dualref.pipelines import adapt, pretrain
+from dualref.pipelines import pretrain, study
 
 log = logging.getLogger(__name__)
 
 MARKER = "DEMO.json"
-STEP_FOLDERS = ("source", "baseline", "dual_refinement")
+METHODS = {"baseline": "baseline", "dual_refinement": "Dual-Refinement"}  # run folder -> table name
+STEP_FOLDERS = ("source", *METHODS)
 REPORT_FILE = "report.md"
+REPORT_JSON = "report.json"
+STUDY_FILE = "demo.study.yaml"
+ADAPT_CONFIG = "adapt.yaml"
+MAP_PLOT = "map_per_epoch.png"
+FSCORE_PLOT = "fscore_per_epoch.png"
+RESULT_FILES = (REPORT_FILE, REPORT_JSON, STUDY_FILE, ADAPT_CONFIG, MAP_PLOT, FSCORE_PLOT)
+# Per-epoch figures of the adapted rows kept in report.json (metrics.jsonl's names).
+EPOCH_KEYS = ("mAP", "coarse_fscore", "refined_fscore", "refined_changed", "bank_cosine_to_initial")
 
 
 @dataclass(frozen=True)
@@ -58,9 +75,10 @@ class DemoPlan:
     source_lr: float
     adapt_epochs: int
     adapt_iters: int  # iterations per adaptation epoch
-    adapt_lr: float
-    dbscan_rho: float  # eps quantile; larger than the reference's 1.6e-3 because N is tiny
-    num_subclusters: int  # R
+    seeds: tuple[int, ...]  # of the adaptation runs (run.seed)
+    # `--set` items of both adaptation rows on top of the shipped settings: none for the real demo; the
+    # smoke test's 20-iteration source model needs a wider eps to form any cluster at all.
+    overrides: tuple[str, ...] = ()
 
 
 FULL = DemoPlan(
@@ -73,9 +91,7 @@ FULL = DemoPlan(
     source_lr=1e-3,
     adapt_epochs=6,
     adapt_iters=30,
-    adapt_lr=3.5e-4,
-    dbscan_rho=5e-3,
-    num_subclusters=2,
+    seeds=(1, 2, 3),
 )
 QUICK = DemoPlan(
     scale=0.25,
@@ -87,29 +103,14 @@ QUICK = DemoPlan(
     source_lr=1e-3,
     adapt_epochs=2,
     adapt_iters=5,
-    adapt_lr=3.5e-4,
-    dbscan_rho=2e-2,
-    num_subclusters=2,
+    seeds=(1,),
+    overrides=("clustering.dbscan_rho=0.02",),
 )
 
 
-@dataclass(frozen=True)
-class ResultRow:
-    """One line of the comparison table (scores in [0, 1]; None = not applicable)."""
-
-    method: str
-    mAP: float  # noqa: N815 - the metric's usual spelling
-    rank1: float
-    rank5: float
-    rank10: float
-    mINP: float  # noqa: N815
-    coarse_fscore: float | None
-    refined_fscore: float | None
-    seconds: float
-
-
 def demo_target_config(scale: float) -> synthetic.SyntheticConfig:
-    """The demo's target: `synth_b` with less camera-to-camera variation than `domain_b_config`.
+    """The demo's target: `synth_b` (look-alike identities included) with less camera-to-camera variation
+    than `domain_b_config`.
 
     Measured with the demo's source model (tiny, 96x48): on the stock `synth_b` the cameras dominate the
     target features (5 nearest neighbours share the camera 66% of the time, chance 25%), so DBSCAN splits
@@ -136,10 +137,11 @@ def run_demo(
 
     Args:
         out: output folder (created; a previous demo's results in it are replaced, its data reused).
-        seed: seed of the synthetic data and of every run.
-        quick: a much smaller, shorter run (a smoke test).
+        seed: seed of the synthetic data and of the source training; the adaptations run with seeds
+            `plan.seeds` (1, 2, 3; --quick: 1).
+        quick: a much smaller, shorter run with one seed (a smoke test).
         device: torch device of every run ("cpu", "cuda", ...).
-        amp: mixed precision on CUDA ("none", "bf16", "fp16").
+        amp: mixed precision ("none", "bf16"; "fp16" on CUDA only).
 
     Returns:
         0 (the process exit status).
@@ -150,49 +152,44 @@ def run_demo(
     started = time.perf_counter()
     print(f"dualref demo{' --quick' if quick else ''}: results in {out}", flush=True)
 
-    step_start = time.perf_counter()
     _step(1, "rendering the synthetic domain pair (synth_a: source, synth_b: target)")
     source_root = synthetic.write_domain(out / "data", synthetic.domain_a_config(plan.scale), seed=seed)
     target_root = synthetic.write_domain(out / "data", demo_target_config(plan.scale), seed=seed)
-    data_seconds = time.perf_counter() - step_start
 
-    step_start = time.perf_counter()
     _step(2, f"source training on synth_a ({plan.source_epochs} epochs x {plan.source_iters} iterations)")
+    step_start = time.perf_counter()
     source_dir = pretrain.pretrain_on_source(
         _pretrain_config(plan, source_root, target_root, out / "source", run)
     )
     source_seconds = time.perf_counter() - step_start
     transfer = json.loads((source_dir / "results.json").read_text())["direct_transfer"]
 
-    runs: dict[str, Path] = {}
-    seconds: dict[str, float] = {}
-    for number, (name, title) in enumerate(
-        (("baseline", "clustering baseline"), ("dual_refinement", "Dual-Refinement")), start=3
-    ):
-        sizes = f"{plan.adapt_epochs} epochs x {plan.adapt_iters} iterations"
-        _step(number, f"adapting to synth_b: {title} ({sizes})")
-        step_start = time.perf_counter()
-        cfg = _adapt_config(plan, target_root, source_dir / "checkpoint.pt", out / name, run, name)
-        runs[name] = adapt.adapt_to_target(cfg)
-        seconds[name] = time.perf_counter() - step_start
+    sizes = f"{plan.adapt_epochs} epochs x {plan.adapt_iters} iterations, seeds {list(plan.seeds)}"
+    _step(3, f"adapting to synth_b: clustering baseline and Dual-Refinement ({sizes})")
+    step_start = time.perf_counter()
+    study_file = _write_study(out, plan, target_root, source_dir / "checkpoint.pt", run)
+    if study.run_study(study_file, parallel=_parallel(plan)):
+        raise RuntimeError(f"an adaptation run failed; see the run.log files under {out}")
+    adapt_seconds = time.perf_counter() - step_start
 
-    epochs = {name: report.read_epochs(path) for name, path in runs.items()}
-    rows = [_direct_transfer_row(transfer, epochs["dual_refinement"], source_seconds)]
-    rows += [
-        _adapted_row("baseline", epochs["baseline"], seconds["baseline"]),
-        _adapted_row("Dual-Refinement", epochs["dual_refinement"], seconds["dual_refinement"]),
-    ]
+    _step(4, "report")
+    rows = [_direct_transfer_row(transfer, seed)]
+    rows += [_method_row(out, method, plan.seeds) for method in METHODS]
+    print("\n" + format_table(rows), flush=True)
     total = time.perf_counter() - started
-    _step(5, "report")
-    table = format_table(rows)
-    print("\n" + table, flush=True)
-    _write_report(out, plan, rows, epochs, data_seconds=data_seconds, total_seconds=total)
-    print(f"\ntotal {total / 60:.1f} min; report: {out / REPORT_FILE}", flush=True)
+    seconds = {"source": source_seconds, "adaptation": adapt_seconds, "total": total}
+    _write_report(out, plan, rows, seconds)
+    print(f"\ntotal {total / 60:.1f} min; report: {out / REPORT_FILE} (and {REPORT_JSON})", flush=True)
     return 0
 
 
+def _parallel(plan: DemoPlan) -> int:
+    """Adaptation runs at a time: two on a machine of two or more cores (one torch thread each)."""
+    return min(len(plan.seeds) * len(METHODS), os.cpu_count() or 1, 2)
+
+
 def _step(number: int, text: str) -> None:
-    print(f"[{number}/5] {text}", flush=True)
+    print(f"[{number}/4] {text}", flush=True)
 
 
 def _prepare_folder(out: Path, *, seed: int, quick: bool) -> Path:
@@ -205,7 +202,8 @@ def _prepare_folder(out: Path, *, seed: int, quick: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in STEP_FOLDERS:
         shutil.rmtree(out / name, ignore_errors=True)
-    (out / REPORT_FILE).unlink(missing_ok=True)
+    for name in (*RESULT_FILES, *study.OUTPUT_FILES):
+        (out / name).unlink(missing_ok=True)
     (out / MARKER).write_text(json.dumps({"seed": seed, "quick": quick}) + "\n")
     return out
 
@@ -241,159 +239,187 @@ def _pretrain_config(
             warmup_epochs=max(1, plan.source_epochs // 6),
             milestones=(max(1, plan.source_epochs * 3 // 4),),
         ),
-        loss=LossConfig(ce_weight=1.0, refined_weight=0.0, spread_weight=0.0, triplet_feature="pooled"),
         run=dataclasses.replace(run, run_dir=str(run_dir), eval_every=0),
     )
 
 
-def _adapt_config(
-    plan: DemoPlan, target_root: Path, source_checkpoint: Path, run_dir: Path, run: RunConfig, method: str
-) -> AdaptConfig:
-    if method == "baseline":
-        # As the reference's baseline script: coarse labels only, no memory, triplet on the pooled
-        # feature, constant learning rate.
-        loss = LossConfig(refined_weight=0.0, spread_weight=0.0, triplet_feature="pooled")
-        schedule = "constant"
-    else:
-        # Dual-Refinement as the reference weighs it, except the triplet feature: at this toy scale the
-        # reference's L2-normalised BN triplet costs about 8 mAP against the pooled one (measured: 55.5
-        # vs 63.4 mAP after 3 epochs from the same start), so the demo keeps the feature the source model was
-        # trained with, as the baseline does. configs/ keep the reference setting.
-        loss = LossConfig(triplet_feature="pooled")
-        schedule = "step"
-    return AdaptConfig(
-        source_checkpoint=str(source_checkpoint),
-        # No random erasing (the reference uses 0.5 on the target): the source model was trained without it,
-        # and at 96x48 an erased block hides much of a person. Measured on the demo's pair (last epoch,
-        # Dual-Refinement): 61.2 mAP with 0.5, below direct transfer (61.6); 69.9 without.
-        data=_data(plan, None, target_root, random_erasing=0.0),
+def _write_study(out: Path, plan: DemoPlan, target_root: Path, source: Path, run: RunConfig) -> Path:
+    """The adaptation rows as a study file: Dual-Refinement with the adaptation defaults (the method of
+    configs/*/full.yaml), the baseline with `BASELINE_OVERRIDES` (configs/*/baseline.yaml); only the
+    length, the image size, the network and the batch are the demo's."""
+    defaults = AdaptConfig()
+    optim = defaults.optim
+    config = AdaptConfig(
+        source_checkpoint=str(source.resolve()),
+        data=_data(plan, None, target_root.resolve(), defaults.data.random_erasing_prob),
         model=ModelConfig(arch="tiny", pretrained=None),
-        optim=OptimConfig(
-            lr=plan.adapt_lr,
+        optim=dataclasses.replace(
+            optim,
             epochs=plan.adapt_epochs,
             iters_per_epoch=plan.adapt_iters,
-            schedule=schedule,
-            lr_decay_epochs=max(1, plan.adapt_epochs * 2 // 3),
+            # The step schedule's shape: x0.1 halfway (the defaults: at 20 of 40 epochs).
+            lr_decay_epochs=max(1, plan.adapt_epochs * optim.lr_decay_epochs // optim.epochs),
         ),
-        clustering=ClusteringConfig(dbscan_rho=plan.dbscan_rho, num_subclusters=plan.num_subclusters),
-        loss=loss,
-        run=dataclasses.replace(run, run_dir=str(run_dir)),
+        run=dataclasses.replace(run, run_dir=str(out / "adapt")),
     )
+    save_config(config, out / ADAPT_CONFIG)
+    rows = [
+        {
+            "name": method,
+            "config": str(out / ADAPT_CONFIG),
+            "seeds": list(plan.seeds),
+            "set": [*(BASELINE_OVERRIDES if method == "baseline" else ()), *plan.overrides],
+        }
+        for method in METHODS
+    ]
+    spec = {"out": str(out), "title": "dualref demo", "plot": list(METHODS), "rows": rows}
+    io.write_text(out / STUDY_FILE, yaml.safe_dump(spec, sort_keys=False))
+    return out / STUDY_FILE
 
 
-def _direct_transfer_row(
-    transfer: dict[str, Any], full_epochs: list[dict[str, Any]], seconds: float
-) -> ResultRow:
-    # The first adaptation epoch clusters the source model's features: its label quality is the
-    # direct-transfer model's.
-    first = full_epochs[0] if full_epochs and full_epochs[0].get("epoch") == 1 else {}
+@dataclass(frozen=True)
+class ResultRow:
+    """One line of the comparison table: scores over seeds as (mean, std), in [0, 1]."""
+
+    method: str
+    seeds: tuple[int, ...]
+    mAP: tuple[float, float]  # noqa: N815 - the metric's usual spelling
+    rank1: tuple[float, float]
+    mINP: tuple[float, float]  # noqa: N815
+    # Per seed, per epoch (1..E): the pseudo-labels' pairwise F-scores (monitoring only), the share of
+    # clustered images whose refined label differs from the coarse one, and the bank's mean cosine to
+    # its initial rows; empty for direct transfer.
+    epochs: dict[str, list[list[float | None]]]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _direct_transfer_row(transfer: dict[str, Any], seed: int) -> ResultRow:
     return ResultRow(
         method="direct transfer",
-        mAP=transfer["mAP"],
-        rank1=transfer["rank1"],
-        rank5=transfer["rank5"],
-        rank10=transfer["rank10"],
-        mINP=transfer["mINP"],
-        coarse_fscore=first.get("coarse_fscore"),
-        refined_fscore=first.get("refined_fscore"),
-        seconds=seconds,
+        seeds=(seed,),
+        mAP=(transfer["mAP"], 0.0),
+        rank1=(transfer["rank1"], 0.0),
+        mINP=(transfer["mINP"], 0.0),
+        epochs={},
     )
 
 
-def _adapted_row(method: str, epochs: list[dict[str, Any]], seconds: float) -> ResultRow:
-    final = report.final_result(epochs)
-    if final is None:
-        raise ValueError(f"the {method} run logged no evaluation; expected one per epoch")
-    last_labels: dict[str, Any] = next((r for r in reversed(epochs) if "coarse_fscore" in r), {})
+def _method_row(out: Path, method: str, seeds: Sequence[int]) -> ResultRow:
+    runs = [report.read_epochs(out / method / f"seed_{seed}") for seed in seeds]
+    finals = []
+    for seed, epochs in zip(seeds, runs, strict=True):
+        final = report.final_result(epochs)
+        if final is None:
+            raise ValueError(f"the {method} run of seed {seed} logged no evaluation; expected one per epoch")
+        finals.append(final)
+    trained = [[record for record in epochs if record.get("epoch", 0) >= 1] for epochs in runs]
     return ResultRow(
-        method=method,
-        mAP=final["mAP"],
-        rank1=final["rank1"],
-        rank5=final["rank5"],
-        rank10=final["rank10"],
-        mINP=final["mINP"],
-        coarse_fscore=last_labels.get("coarse_fscore"),
-        refined_fscore=last_labels.get("refined_fscore"),
-        seconds=seconds,
+        method=METHODS[method],
+        seeds=tuple(seeds),
+        mAP=_mean_std([f["mAP"] for f in finals]),
+        rank1=_mean_std([f["rank1"] for f in finals]),
+        mINP=_mean_std([f["mINP"] for f in finals]),
+        epochs={key: [[r.get(key) for r in epochs] for epochs in trained] for key in EPOCH_KEYS},
     )
 
 
-def format_table(rows: list[ResultRow]) -> str:
-    """The comparison table as markdown (scores in %, F-scores in [0, 1])."""
+def format_table(rows: Sequence[ResultRow]) -> str:
+    """The comparison table as markdown: mean ± std over seeds in %, F-scores of the first epoch."""
 
-    def score(value: float | None, percent: bool = True) -> str:
-        if value is None:
-            return "-"
-        return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+    def score(value: tuple[float, float], seeds: int) -> str:
+        return f"{100 * value[0]:.1f}" + (f" ± {100 * value[1]:.1f}" if seeds > 1 else "")
+
+    def first_epoch(row: ResultRow, key: str) -> str:
+        refined = any(seed and seed[0] is not None for seed in row.epochs.get("refined_fscore", []))
+        if key == "refined_changed" and not refined:
+            return "-"  # no refinement computed (the baseline): nothing could move
+        values = [seed[0] for seed in row.epochs.get(key, []) if seed and seed[0] is not None]
+        return f"{statistics.fmean(values):.3f}" if values else "-"
 
     lines = [
-        "| method | mAP | R1 | R5 | R10 | mINP | F coarse | F refined | time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | seeds | mAP | R1 | mINP | epoch 1: F coarse | F refined | labels moved |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        cells = [
-            row.method,
-            *(score(v) for v in (row.mAP, row.rank1, row.rank5, row.rank10, row.mINP)),
-            score(row.coarse_fscore, percent=False),
-            score(row.refined_fscore, percent=False),
-            f"{row.seconds:.0f} s",
-        ]
+        n = len(row.seeds)
+        cells = [row.method, str(n), score(row.mAP, n), score(row.rank1, n), score(row.mINP, n)]
+        cells += [first_epoch(row, key) for key in ("coarse_fscore", "refined_fscore", "refined_changed")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _write_report(
-    out: Path,
-    plan: DemoPlan,
-    rows: list[ResultRow],
-    epochs: dict[str, list[dict[str, Any]]],
-    *,
-    data_seconds: float,
-    total_seconds: float,
-) -> None:
-    transfer = rows[0]
-    report.plot_comparison(
-        {"baseline": epochs["baseline"], "Dual-Refinement": epochs["dual_refinement"]},
-        "mAP",
-        ylabel="target mAP",
-        title="Target mAP per adaptation epoch",
-        path=out / "map_per_epoch.png",
-        reference=("direct transfer", transfer.mAP),
+def report_record(rows: Sequence[ResultRow], plan: DemoPlan) -> dict[str, Any]:
+    """report.json: per row its seeds, mAP / R1 / mINP mean and std, and the per-epoch label figures."""
+    return {
+        "plan": dataclasses.asdict(plan),
+        "rows": [
+            {
+                "method": row.method,
+                "seeds": list(row.seeds),
+                **{
+                    f"{name}_{stat}": round(value, 6)
+                    for name, pair in (("mAP", row.mAP), ("rank1", row.rank1), ("mINP", row.mINP))
+                    for stat, value in zip(("mean", "std"), pair, strict=True)
+                },
+                "per_epoch": row.epochs,
+            }
+            for row in rows
+        ],
+    }
+
+
+def _write_report(out: Path, plan: DemoPlan, rows: Sequence[ResultRow], seconds: dict[str, float]) -> None:
+    transfer, _, full = rows
+    curves = {name: [report.read_epochs(out / name / f"seed_{s}") for s in plan.seeds] for name in METHODS}
+    study.plot_bands(
+        {METHODS[name]: seeds for name, seeds in curves.items()},
+        path=out / MAP_PLOT,
+        title="Target mAP per adaptation epoch (mean ± std over seeds)",
+        reference=("direct transfer", 100 * transfer.mAP[0]),
     )
-    report.plot_comparison(
-        {"baseline (coarse)": epochs["baseline"], "Dual-Refinement (coarse)": epochs["dual_refinement"]},
-        "coarse_fscore",
+    study.plot_bands(
+        {f"F {kind}": curves["dual_refinement"] for kind in ("coarse", "refined")},
+        path=out / FSCORE_PLOT,
+        title="Dual-Refinement: pairwise F-score of the coarse and refined labels (monitoring only)",
+        keys={"F coarse": "coarse_fscore", "F refined": "refined_fscore"},
         ylabel="pairwise F-score",
-        title="Pseudo-label quality per epoch (monitoring only)",
-        path=out / "fscore_per_epoch.png",
     )
-    text = "\n".join(
-        [
-            "# dualref demo",
-            "",
-            "Source `synth_a` (labelled) -> target `synth_b` (unlabelled), synthetic identities rendered by "
-            "`dualref.data.synthetic` (the target with milder camera-to-camera variation than the stock "
-            "`synth_b`: see `dualref.pipelines.demo.demo_target_config`); `tiny` network at "
-            f"{plan.height}x{plan.width}, batch {plan.batch_size}. Source training: {plan.source_epochs} "
-            f"epochs x {plan.source_iters} iterations; each adaptation: {plan.adapt_epochs} epochs x "
-            f"{plan.adapt_iters} iterations, R = {plan.num_subclusters}, rho = {plan.dbscan_rho}.",
-            "",
-            "Scores are on the target query/gallery, in %, from the **last** epoch. F coarse / F refined: "
-            "pairwise F-score of the pseudo-labels of the last epoch against the hidden target identities "
-            "(monitoring only; direct transfer: the clustering of the source model's features). Time: "
-            "wall time of the step (direct transfer: source training + its evaluations).",
-            "",
-            format_table(rows),
-            "",
-            f"Data rendering: {data_seconds:.0f} s; total: {total_seconds / 60:.1f} min.",
-            "",
-            "![target mAP per epoch](map_per_epoch.png)",
-            "",
-            "![pseudo-label F-score per epoch](fscore_per_epoch.png)",
-            "",
-            "Per-run details: `source/`, `baseline/summary.md`, `dual_refinement/summary.md` "
-            "(refined-label F-score plot: `dual_refinement/label_fscore.png`).",
-            "",
-        ]
-    )
-    io.write_text(out / REPORT_FILE, text)
+    drift = [seed[-1] for seed in full.epochs.get("bank_cosine_to_initial", []) if seed]
+    text = [
+        "# dualref demo",
+        "",
+        "Source `synth_a` (labelled) -> target `synth_b` (unlabelled; look-alike identities and the "
+        "demo's camera styles: `dualref.pipelines.demo.demo_target_config`); `tiny` network at "
+        f"{plan.height}x{plan.width}, batch {plan.batch_size}. Source training: {plan.source_epochs} "
+        f"epochs x {plan.source_iters} iterations (data and source seed: DEMO.json); each adaptation: "
+        f"{plan.adapt_epochs} epochs x {plan.adapt_iters} iterations with the method settings of the "
+        "shipped configs (`adapt.yaml`; the baseline adds `BASELINE_OVERRIDES`), seeds "
+        f"{list(plan.seeds)}.",
+        "",
+        "Scores: target query/gallery, %, the **last** epoch, mean ± std over the seeds. Epoch-1 "
+        "columns: pairwise F-score of the coarse (DBSCAN) and refined labels against the hidden "
+        "identities (monitoring only: training never reads them) and the share of clustered images "
+        "that the refinement re-labelled, means over the seeds.",
+        "",
+        format_table(rows),
+        "",
+        f"Bank drift (Dual-Refinement): mean cosine of the bank rows to their initial rows after the last "
+        f"epoch: {', '.join(f'{v:.3f}' for v in drift) or '-'} (per seed).",
+        "",
+        f"Source training {seconds['source']:.0f} s; the {2 * len(plan.seeds)} adaptations "
+        f"{seconds['adaptation']:.0f} s ({_parallel(plan)} at a time); "
+        f"total {seconds['total'] / 60:.1f} min.",
+        "",
+        f"![target mAP per epoch]({MAP_PLOT})",
+        "",
+        f"![F-score of the coarse and refined labels]({FSCORE_PLOT})",
+        "",
+        "Per-run details: `source/`, `<method>/seed_<s>/summary.md`; per-row table: `study.md`; "
+        f"machine-readable: `{REPORT_JSON}`.",
+        "",
+    ]
+    io.write_text(out / REPORT_FILE, "\n".join(text))
+    io.write_json(out / REPORT_JSON, report_record(rows, plan))

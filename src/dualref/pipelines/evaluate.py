@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dualref import evaluation, inference, io
+from dualref import evaluation, inference, io, training
 from dualref.config import EvalConfig
 from dualref.pipelines.extract import save_npy
 
@@ -91,6 +91,7 @@ def run_evaluate(
             **({"rerank_lambda": ranking.rerank_lambda} if ranking.rerank else {}),
             "height": evaluator.height,
             "width": evaluator.width,
+            "numerics": training.numerics_name(amp_dtype, channels_last),
         },
         **inference.metrics_record(result.metrics),
         "cmc": [round(float(v), 6) for v in result.metrics.cmc[:20]],  # rank 1..20

@@ -85,6 +85,7 @@ def run_extract(
     except ValueError as err:
         raise ValueError(f"{checkpoint_path}: {err}") from None
     model = training.place_model(model, device, channels_last)
+    training.check_autocast(model, amp_dtype, device, (height, width))
     written = []
     for name, samples, labelled in groups:
         if skip_unreadable:
@@ -112,6 +113,7 @@ def run_extract(
             "height": height,
             "width": width,
             "flip": flip,
+            "numerics": training.numerics_name(amp_dtype, channels_last),
             "num_images": len(samples),
             "feat_dim": int(features.shape[1]),
         }

@@ -51,6 +51,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
     if resume is not None:
         common.check_resume(run_dir, "pretrain", cfg.model.arch, ranks)
     source, target = _parse_data(cfg)
+    common.check_numerics(cfg.model, (data.height, data.width), device, amp_dtype, channels_last)
     distributed.batch_rows(data.batch_size, ranks)  # refuses a batch the ranks cannot share
     with common.open_run(run_dir, cfg, resume, ranks) as run:
         source = common.without_unreadable(source, skip_unreadable=data.skip_unreadable)

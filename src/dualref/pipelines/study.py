@@ -47,6 +47,7 @@ log = logging.getLogger("dualref")
 SUMMARY_FILE = "study.md"
 JSON_FILE = "study.json"
 PLOT_FILE = "fig3b.png"
+OUTPUT_FILES = (SUMMARY_FILE, JSON_FILE, PLOT_FILE)
 ROW_KEYS = ("name", "config", "seeds", "set")
 STUDY_KEYS = ("out", "parallel", "plot", "rows", "title")
 
@@ -315,14 +316,24 @@ def _cell(value: tuple[float, float] | None, *, scale: float = 100.0, digits: in
 
 
 def plot_bands(
-    curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], *, path: Path, title: str
+    curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+    *,
+    path: Path,
+    title: str,
+    keys: Mapping[str, str] | None = None,
+    ylabel: str = "target mAP (%)",
+    reference: tuple[str, float] | None = None,
 ) -> None:
-    """Target mAP per epoch of several rows: the mean over seeds, with a ± std band (paper Fig. 3(b)).
+    """A per-epoch figure of several rows: the mean over seeds, with a ± std band (paper Fig. 3(b)).
 
     Args:
         curves: row name -> the per-epoch records of each of its seeds (`report.read_epochs`).
         path: the PNG file (written atomically).
         title: the plot's title.
+        keys: row name -> the record key to draw (default "mAP" for every row, drawn in %; other keys
+            are drawn as they are).
+        ylabel: the y axis' label.
+        reference: (label, value) of a horizontal line, e.g. direct transfer's mAP in %.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -332,11 +343,13 @@ def plot_bands(
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for name, seeds in curves.items():
+        key = (keys or {}).get(name, "mAP")
+        scale = 100.0 if key == "mAP" else 1.0
         by_epoch: dict[int, list[float]] = {}
         for epochs in seeds:
             for record in epochs:
-                if record.get("mAP") is not None:
-                    by_epoch.setdefault(int(record["epoch"]), []).append(100 * float(record["mAP"]))
+                if record.get(key) is not None:
+                    by_epoch.setdefault(int(record["epoch"]), []).append(scale * float(record[key]))
         xs = sorted(by_epoch)
         if not xs:
             continue
@@ -346,9 +359,11 @@ def plot_bands(
         axes.plot(xs, means, marker="o", markersize=3, label=f"{name} ({count})")
         low, high = [m - s for m, s in stats], [m + s for m, s in stats]
         axes.fill_between(xs, low, high, alpha=0.2)
+    if reference is not None:
+        axes.axhline(reference[1], color="grey", linestyle="--", linewidth=1, label=reference[0])
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_ylabel("target mAP (%)")
+    axes.set_ylabel(ylabel)
     axes.set_title(textwrap.fill(title, 60), fontsize=9)  # a study's title is often wider than the plot
     axes.grid(alpha=0.3)
     axes.legend()

@@ -20,6 +20,8 @@ from dualref.data.synthetic.traits import (
     draw_cameras,
     draw_identities,
     draw_views,
+    dress_alike,
+    lookalike_groups,
 )
 
 SPLIT_DIRS = ("bounding_box_train", "query", "bounding_box_test")
@@ -79,6 +81,10 @@ def plan_domain(config: SyntheticConfig, seed: int) -> DomainPlan:
     num_real = config.num_train_ids + config.num_test_ids
     identities = draw_identities(num_real + config.num_distractors, palette, style, rng)
     cameras = draw_cameras(config.num_cameras, style, rng)
+    if style.lookalike_share > 0:  # its own stream: without look-alikes every other draw stays the same
+        train_rows, test_rows = np.arange(config.num_train_ids), np.arange(config.num_train_ids, num_real)
+        groups = lookalike_groups([train_rows, test_rows], style, _domain_rng(seed, config.name, 1))
+        identities = dress_alike(identities, groups)
 
     # Pids 1..num_real shuffled between train and test, like Market-1501's interleaved ids.
     pid_of_identity = rng.permutation(num_real) + 1

@@ -31,6 +31,13 @@ class DomainStyle:
     background_tint: float = 0.12  # per-image std of the log RGB gain of the background (passers-by, light)
     occlusion_prob: float = 0.3  # probability of an occluding block or pole per image
     view_bias: float = 0.5  # probability that an image takes its camera's preferred viewpoint
+    # Look-alikes, as in real re-ID data (people in the same clothes: uniforms, a season's fashion): this
+    # share of the identities comes in groups of `lookalike_group_size` that wear the same clothes (colours,
+    # pattern, sleeve and leg length) and differ only in smaller traits (shoes, hair, height, build, bag,
+    # backpack, logo). A clustering merges such groups into one cluster; the features that split them
+    # are the subtle ones. Groups never mix train and test identities.
+    lookalike_share: float = 0.0
+    lookalike_group_size: int = 3
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,11 @@ class SyntheticConfig:
             raise ValueError(f"image size {self.height}x{self.width}; expected at least 16x8")
         if not 0.0 <= self.style.indoor_fraction <= 1.0:
             raise ValueError(f"indoor_fraction={self.style.indoor_fraction}; expected a value in [0, 1]")
+        if not 0.0 <= self.style.lookalike_share <= 1.0 or self.style.lookalike_group_size < 2:
+            raise ValueError(
+                f"lookalike_share={self.style.lookalike_share}, lookalike_group_size="
+                f"{self.style.lookalike_group_size}; expected a share in [0, 1] and groups of >= 2"
+            )
         f = self.style.downsample
         if f < 1 or self.height % f or self.width % f:
             raise ValueError(
@@ -74,7 +86,7 @@ class SyntheticConfig:
             )
 
 
-DOMAIN_A_STYLE = DomainStyle()
+DOMAIN_A_STYLE = DomainStyle(lookalike_share=0.5, lookalike_group_size=2)
 DOMAIN_B_STYLE = DomainStyle(
     hue_modes=(0.6, 0.08, 0.33),  # more blues, browns and olive greens: a winter palette
     hue_mode_prob=0.4,
@@ -94,6 +106,8 @@ DOMAIN_B_STYLE = DomainStyle(
     indoor_fraction=0.75,
     occlusion_prob=0.3,
     view_bias=0.5,
+    lookalike_share=0.5,
+    lookalike_group_size=3,
 )
 
 

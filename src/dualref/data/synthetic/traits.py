@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,6 +163,33 @@ def draw_identities(
         logo=flag(0.3),
         logo_colour=colour(),
     )
+
+
+# The traits a look-alike group shares: what a person wears above the shoes.
+CLOTHING_TRAITS = ("upper", "upper2", "pattern", "pattern_period", "sleeve", "lower", "lower_length")
+
+
+def lookalike_groups(blocks: list[IntArray], style: DomainStyle, rng: np.random.Generator) -> list[IntArray]:
+    """Groups of `style.lookalike_group_size` identity rows drawn inside each block of rows (e.g. the train
+    and the test identities), covering about `style.lookalike_share` of every block."""
+    groups = []
+    size = style.lookalike_group_size
+    for rows in blocks:
+        num_groups = round(style.lookalike_share * len(rows) / size)
+        chosen = rng.permutation(rows)[: num_groups * size]
+        groups += [np.sort(group) for group in chosen.reshape(num_groups, size)]
+    return groups
+
+
+def dress_alike(identities: IdentityTraits, groups: list[IntArray]) -> IdentityTraits:
+    """`identities` with every group wearing its first member's clothes (`CLOTHING_TRAITS`)."""
+    changed = {}
+    for name in CLOTHING_TRAITS:
+        values = getattr(identities, name).copy()
+        for group in groups:
+            values[group] = values[group[0]]
+        changed[name] = values
+    return dataclasses.replace(identities, **changed)
 
 
 def draw_cameras(num: int, style: DomainStyle, rng: np.random.Generator) -> CameraParams:

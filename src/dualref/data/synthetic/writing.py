@@ -16,7 +16,7 @@ from dualref.data.synthetic.planning import _RENDER_CHUNK, SPLIT_DIRS, _render_r
 from dualref.data.synthetic.styles import SyntheticConfig, domain_a_config, domain_b_config
 
 # Bump when the rendering changes, so cached trees written by an older generator are regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 MARKER_NAME = "SYNTHETIC.json"
 
 
