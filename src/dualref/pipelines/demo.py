@@ -36,6 +36,7 @@ from dualref import io, report
 from dualref.config import (
     BASELINE_OVERRIDES,
     AdaptConfig,
+    ClusteringConfig,
     DataConfig,
     ModelConfig,
     OptimConfig,
@@ -43,7 +44,7 @@ from dualref.config import (
     RunConfig,
     save_config,
 )
-from dualref.data import synthetic
+from dualref.data import datasets, synthetic
 from dualref.pipelines import pretrain, study
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ FULL = DemoPlan(
     source_iters=40,
     source_lr=1e-3,
     adapt_epochs=6,
-    adapt_iters=30,
+    adapt_iters=60,
     seeds=(1, 2, 3),
 )
 QUICK = DemoPlan(
@@ -104,30 +105,30 @@ QUICK = DemoPlan(
     adapt_epochs=2,
     adapt_iters=5,
     seeds=(1,),
-    overrides=("clustering.dbscan_rho=0.02",),
+    overrides=("clustering.dbscan_rho=0.1",),
 )
 
 
 def demo_target_config(scale: float) -> synthetic.SyntheticConfig:
-    """The demo's target: `synth_b` (look-alike identities included) with less camera-to-camera variation
-    than `domain_b_config`.
+    """The demo's target: the stock `synth_b`, look-alike identities and camera styles included.
 
-    Measured with the demo's source model (tiny, 96x48): on the stock `synth_b` the cameras dominate the
-    target features (5 nearest neighbours share the camera 66% of the time, chance 25%), so DBSCAN splits
-    identities by camera, and training on camera-fragmented clusters lowers cross-camera mAP (even with
-    ground-truth (pid, camera) labels: 42.0 -> 28.1 mAP after 2 epochs). With the per-camera colour cast,
-    exposure, contrast and blur narrowed as below, the domain-wide gap (palette, warm light, indoor
-    backgrounds, low resolution, noise) remains and clustering links cameras (same-camera 5-NN 50%).
+    Its cameras shift appearance (colour cast, exposure, contrast, blur) strongly enough that the source
+    model's target features split many identities by camera while DBSCAN merges look-alikes: the two
+    faults of coarse clusters that the paper's refinement re-assigns samples between.
     """
-    config = synthetic.domain_b_config(scale)
-    style = dataclasses.replace(
-        config.style,
-        cast_sigma=0.03,  # stock B: 0.1
-        brightness=(0.85, 1.0),  # stock B: (0.7, 1.05)
-        contrast=(0.9, 1.0),  # stock B: (0.8, 1.05)
-        blur_sigma=(0.5, 0.6),  # stock B: (0.3, 0.8); the same blur for every camera
-    )
-    return dataclasses.replace(config, style=style)
+    return synthetic.domain_b_config(scale)
+
+
+# The rho rule's eps is the mean of the smallest rho * N (N - 1) / 2 pairwise distances: with the shipped
+# rho (1.6e-3) on Market-1501's 12,936 training images, the ~10 nearest pairs per image. A data set of N
+# images keeps that per-image count with rho x 12,936 / N (label-free: only N is read), the same scaling
+# as the image size and the length.
+REFERENCE_TARGET_IMAGES = 12936
+
+
+def scaled_rho(num_images: int) -> float:
+    """The shipped rho, scaled from Market-1501's training-set size to `num_images` (at most 0.5)."""
+    return min(0.5, ClusteringConfig().dbscan_rho * REFERENCE_TARGET_IMAGES / num_images)
 
 
 def run_demo(
@@ -158,8 +159,10 @@ def run_demo(
 
     _step(2, f"source training on synth_a ({plan.source_epochs} epochs x {plan.source_iters} iterations)")
     step_start = time.perf_counter()
+    # One run alone on the machine: all its cores (threads=0, torch's default).
+    source_run = dataclasses.replace(run, threads=0)
     source_dir = pretrain.pretrain_on_source(
-        _pretrain_config(plan, source_root, target_root, out / "source", run)
+        _pretrain_config(plan, source_root, target_root, out / "source", source_run)
     )
     source_seconds = time.perf_counter() - step_start
     transfer = json.loads((source_dir / "results.json").read_text())["direct_transfer"]
@@ -167,7 +170,8 @@ def run_demo(
     sizes = f"{plan.adapt_epochs} epochs x {plan.adapt_iters} iterations, seeds {list(plan.seeds)}"
     _step(3, f"adapting to synth_b: clustering baseline and Dual-Refinement ({sizes})")
     step_start = time.perf_counter()
-    study_file = _write_study(out, plan, target_root, source_dir / "checkpoint.pt", run)
+    num_images = len(datasets.load_dataset("market1501", target_root).train)
+    study_file = _write_study(out, plan, target_root, source_dir / "checkpoint.pt", run, num_images)
     if study.run_study(study_file, parallel=_parallel(plan)):
         raise RuntimeError(f"an adaptation run failed; see the run.log files under {out}")
     adapt_seconds = time.perf_counter() - step_start
@@ -243,16 +247,20 @@ def _pretrain_config(
     )
 
 
-def _write_study(out: Path, plan: DemoPlan, target_root: Path, source: Path, run: RunConfig) -> Path:
+def _write_study(
+    out: Path, plan: DemoPlan, target_root: Path, source: Path, run: RunConfig, num_images: int
+) -> Path:
     """The adaptation rows as a study file: Dual-Refinement with the adaptation defaults (the method of
     configs/*/full.yaml), the baseline with `BASELINE_OVERRIDES` (configs/*/baseline.yaml); only the
-    length, the image size, the network and the batch are the demo's."""
+    length, the image size, the network, the batch and the rho rule's quantile (`scaled_rho` of the
+    target's `num_images`) are scaled to the demo's size."""
     defaults = AdaptConfig()
     optim = defaults.optim
     config = AdaptConfig(
         source_checkpoint=str(source.resolve()),
         data=_data(plan, None, target_root.resolve(), defaults.data.random_erasing_prob),
         model=ModelConfig(arch="tiny", pretrained=None),
+        clustering=dataclasses.replace(defaults.clustering, dbscan_rho=scaled_rho(num_images)),
         optim=dataclasses.replace(
             optim,
             epochs=plan.adapt_epochs,
