@@ -381,6 +381,15 @@ def test_lookalike_groups_share_clothes_and_differ_in_small_traits() -> None:
     assert np.array_equal(plain.identities.upper[others], traits.upper[others])
 
 
+def test_every_identity_can_have_lookalikes() -> None:
+    # 12 train identities in groups of 5: two groups (10 identities), whatever the rounding of the share.
+    style = dataclasses.replace(TINY.style, lookalike_share=1.0, lookalike_group_size=5)
+    plan = synthetic.plan_domain(dataclasses.replace(TINY, num_train_ids=12, num_test_ids=3, style=style), 0)
+    keys = [_clothing_key(plan.identities, row) for row in range(15)]
+    assert sorted(keys.count(key) for key in set(keys[:12])) == [1, 1, 5, 5]
+    assert len(set(keys[12:])) == 3  # 3 test identities: no group of 5 fits
+
+
 def test_lookalike_settings_are_checked() -> None:
     with pytest.raises(ValueError, match=r"lookalike_share=1\.5"):
         dataclasses.replace(TINY, style=dataclasses.replace(TINY.style, lookalike_share=1.5))

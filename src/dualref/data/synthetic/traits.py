@@ -175,7 +175,7 @@ def lookalike_groups(blocks: list[IntArray], style: DomainStyle, rng: np.random.
     groups = []
     size = style.lookalike_group_size
     for rows in blocks:
-        num_groups = round(style.lookalike_share * len(rows) / size)
+        num_groups = min(round(style.lookalike_share * len(rows) / size), len(rows) // size)
         chosen = rng.permutation(rows)[: num_groups * size]
         groups += [np.sort(group) for group in chosen.reshape(num_groups, size)]
     return groups
