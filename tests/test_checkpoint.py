@@ -190,3 +190,11 @@ def test_tensorboard_scalars_when_available(tmp_path: Path, monkeypatch: pytest.
     assert writer.log_dir == str(run_dir / "tensorboard") and writer.closed
     # Strings are not scalars; epoch/kind/time are bookkeeping, not curves.
     assert writer.scalars == [("train/loss", 0.5, 3), ("train/iterations", 2, 3)]
+
+
+def test_a_folder_given_as_a_checkpoint_is_named_as_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"is a folder; expected a checkpoint file"):
+        checkpoint.load_checkpoint(tmp_path)
+    checkpoint.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    with pytest.raises(ValueError, match=r"is a folder \(it holds checkpoint\.pt\)"):
+        checkpoint.load_checkpoint(tmp_path)

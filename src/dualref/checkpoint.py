@@ -54,6 +54,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ValueError: the file cannot be read (truncated, corrupt) or is not a dualref checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = " (it holds checkpoint.pt)" if (path / "checkpoint.pt").is_file() else ""
+        raise ValueError(
+            f"checkpoint {path} is a folder{inside}; expected a checkpoint file, e.g. {path}/checkpoint.pt"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

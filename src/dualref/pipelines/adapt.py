@@ -114,6 +114,9 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         bank_start = state.bank_start if state else None  # rows at the bank's last (re)initialisation
         if resume is not None:
             run.discard_records_after(state.epoch if state else 0)
+        if state is not None and state.epoch >= cfg.optim.epochs:
+            summary = run.path / report.SUMMARY_FILE
+            log.info("the run had finished all %d epochs: its result is in %s", state.epoch, summary)
         _evaluate_missing(run, test, model, cfg, epoch=state.epoch if state else 0)
         for epoch in range(state.epoch if state else 0, cfg.optim.epochs):
             seconds: dict[str, float] = {}
@@ -237,7 +240,7 @@ def _source_state(cfg: AdaptConfig) -> dict[str, Any] | None:
     if cfg.source_checkpoint is None:
         return None
     path = Path(cfg.source_checkpoint)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():  # a folder: load_checkpoint names it as one
         raise FileNotFoundError(
             f"source_checkpoint={cfg.source_checkpoint!r} does not exist; expected the checkpoint.pt of a "
             "`dualref pretrain` run (or null to start from model.pretrained)"
@@ -416,7 +419,15 @@ def _build_model(
     )
     if source is not None:
         load_trunk_and_neck(model, source["model"])
-        log.info("started from source checkpoint %s", cfg.source_checkpoint)
+        if source.get("kind") == "adapt":  # allowed (adapting further, or to another target), but said
+            log.info(
+                "started from %s: an adaptation checkpoint (epoch %s), not a pre-trained source model; "
+                "its trunk and neck are the starting point",
+                cfg.source_checkpoint,
+                source.get("epoch"),
+            )
+        else:
+            log.info("started from source checkpoint %s", cfg.source_checkpoint)
     return training.place_model(model, device, channels_last)
 
 

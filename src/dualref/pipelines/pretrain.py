@@ -98,6 +98,9 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
             start_epoch, best_map = _restore(run.checkpoint_path, model, optimizer)
         if run.resumed:
             run.discard_records_after(start_epoch)
+        if start_epoch >= cfg.optim.epochs > 0:
+            finished = run.path / RESULTS_FILE
+            log.info("the run had finished all %d epochs: its result is in %s", start_epoch, finished)
         source_test = common.evaluator(source, data, cfg.run, device) if ranks.is_main else None
         source_record: dict[str, Any] | None = None
         train_model = distributed.wrap(model, ranks, device)  # DDP when under torchrun
