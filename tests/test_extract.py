@@ -205,3 +205,21 @@ def test_extract_numerics_flags(model_path: Path, target_root: Path, tmp_path: P
     assert json.loads((tmp_path / "auto" / "meta.json").read_text())["numerics"] == "float32, channels-last"
     assert cli.main([*argv, str(tmp_path / "fp16"), "--amp", "fp16"]) == 2
     assert not (tmp_path / "fp16").exists()
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_line(
+    model_path: Path, query_paths: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DataLoader re-raises a worker's error with the worker's traceback in its message: one line stays."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in query_paths[:4]:
+        shutil.copy(path, folder / path.name)
+    broken = folder / query_paths[1].name
+    broken.write_bytes(b"not a jpeg")
+    argv = ["extract", str(model_path), str(folder), "--out", str(tmp_path / "out"), "--workers", "2"]
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"dualref: error: cannot read image {broken}: ")
+    assert "--skip-unreadable" in lines[0] and "Traceback" not in lines[0]

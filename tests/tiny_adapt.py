@@ -7,6 +7,7 @@ batches: a whole adaptation epoch runs in about half a second on one CPU thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,9 +44,15 @@ TINY_OVERRIDES = (
 )
 
 
+def without_lookalikes(config: synthetic.SyntheticConfig) -> synthetic.SyntheticConfig:
+    """`config` without look-alike identities: the tiny tests' set-ups (e.g. the clusters that the config-key
+    rows describe) were measured on that data, which generator 4 still writes byte for byte this way."""
+    return dataclasses.replace(config, style=dataclasses.replace(config.style, lookalike_share=0.0))
+
+
 def write_target(folder: Path) -> Path:
     """The synthetic target domain (Market-1501 layout) of tests/test_adapt.py."""
-    return synthetic.write_domain(folder, synthetic.domain_b_config(scale=0.1), seed=0)
+    return synthetic.write_domain(folder, without_lookalikes(synthetic.domain_b_config(scale=0.1)), seed=0)
 
 
 def tiny_config(target_root: Path, run_dir: Path, *overrides: str) -> AdaptConfig:

@@ -452,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _worker_cause(err: BaseException) -> str:
+    """The error's own message: a DataLoader worker's exception reaches the main process re-raised with
+    the worker's traceback in its message ("Caught X in DataLoader worker process N. Original Traceback
+    ... X: message"); only its last line is the message."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = type(err).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -462,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input is reported in one line that names the culprit; the traceback only when debugging.
         if debug:
             traceback.print_exc()
-        print(f"dualref: error: {err}", file=sys.stderr)
+        print(f"dualref: error: {_worker_cause(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         # An unreadable image (loaders.ImageReadError names it), a full disk (io.DiskFullError names
@@ -472,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(err, ImageReadError):
             skip = "--set data.skip_unreadable=true / --skip-unreadable"
-            message = f"{err} (to skip unreadable images with a warning: {skip})"
+            message = f"{_worker_cause(err)} (to skip unreadable images with a warning: {skip})"
         elif isinstance(err, io.DiskFullError):
             message = str(err)
         elif io.disk_full_cause(err) is not None:
