@@ -224,3 +224,14 @@ def test_a_refused_autocast_writes_no_run_folder(tmp_path: Path, monkeypatch: py
     sets = tiny_pretrain.overrides(tiny_pretrain.write_domains(tmp_path / "data"), run_dir, "run.amp=bf16")
     assert cli.main(["pretrain", *(arg for item in sets for arg in ("--set", item))]) == 2
     assert not run_dir.exists()
+
+
+def test_the_numerics_probe_leaves_the_run_rng_alone() -> None:
+    """The probe network of `common.check_numerics` is initialised off the run's random stream."""
+    from dualref.config import ModelConfig
+    from dualref.pipelines import common
+
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    common.check_numerics(ModelConfig(arch="tiny", pretrained=None), (64, 32), CPU, torch.bfloat16, True)
+    assert torch.equal(torch.random.get_rng_state(), state)

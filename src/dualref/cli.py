@@ -446,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
     demo.add_argument("--device", default="cpu", help="torch device of every run: cpu, cuda, cuda:1, ...")
     demo.add_argument(
-        "--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision on CUDA"
+        "--amp",
+        default="none",
+        choices=("none", "bf16", "fp16"),
+        help="mixed precision: bf16 (CUDA, or a CPU with AVX512-BF16/AMX), fp16 (CUDA only)",
     )
     demo.set_defaults(func=_cmd_demo)
     return parser

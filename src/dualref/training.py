@@ -266,8 +266,8 @@ def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
     """Whether a run uses the channels-last memory format: `setting` true/false, or "auto".
 
     "auto" is channels-last on the CPU, where oneDNN's convolutions are faster in it for every trunk
-    measured (MobileNetV2 1.3x, ResNet-50 up to 1.6x at 256x128; benchmarks/results/throughput.md), and
-    the contiguous format on CUDA, whose fp32 step was measured only that way.
+    measured (float32 training step: MobileNetV2 1.28x, ResNet-50 1.10-1.40x; benchmarks/results/
+    throughput.md), and the contiguous format on CUDA, whose fp32 step was measured only that way.
     """
     if setting == "auto":
         return device.type == "cpu"

@@ -154,7 +154,8 @@ def check_numerics(
     run folder is written (the fault it catches depends on the shapes, not on the weights)."""
     if amp_dtype is None:
         return
-    probe = build_model(model_cfg, 1, pretrained=None, device=device, channels_last=channels_last)
+    with torch.random.fork_rng(devices=[]):  # the probe's initialisation must not move the run's stream
+        probe = build_model(model_cfg, 1, pretrained=None, device=device, channels_last=channels_last)
     training.check_autocast(probe, amp_dtype, device, size)
 
 
