@@ -54,7 +54,7 @@ class Mutant:
 ADAPT, STEPS, OBJECTIVE = "pipelines/adapt.py", "steps.py", "losses/objective.py"
 RESET_THEN_OPTIMIZER = """\
             model.reset_classifier(labels.num_clusters, centroids.to(device))
-            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch=epoch)
+            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch, ranks)
             lr, mu = common.epoch_lr(cfg.optim, epoch), cfg.loss.spread_weight_at(epoch)
             optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
 """
@@ -62,7 +62,7 @@ OPTIMIZER_THEN_RESET = """\
             lr, mu = common.epoch_lr(cfg.optim, epoch), cfg.loss.spread_weight_at(epoch)
             optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
             model.reset_classifier(labels.num_clusters, centroids.to(device))
-            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch=epoch)
+            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch, ranks)
 """
 
 MUTANTS = [
@@ -98,7 +98,7 @@ MUTANTS = [
            "loop: mu ramp-up (loss.spread_rampup_epochs) ignored"),
     Mutant("M13", ADAPT, RESET_THEN_OPTIMIZER, OPTIMIZER_THEN_RESET,
            "loop: Adam built before the classifier is replaced (new classifier never trained)"),
-    Mutant("M14", ADAPT, "params.append(memory.weight)", "pass",
+    Mutant("M14", ADAPT, "return [*params, memory.weight]", "return params",
            "loop: instant bank left out of the optimizer"),
     Mutant("M15", ADAPT, "if previous is not None and not cfg.optim.reset_each_epoch:",
            "if previous is not None:", "loop: Adam moments carried over despite optim.reset_each_epoch"),
