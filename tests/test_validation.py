@@ -140,6 +140,30 @@ def test_adaptation_checks_data_and_source_before_writing_and_a_retry_works(
     assert "data.test_batch_size: 64 -> 32" in (run_dir / "run.log").read_text()
 
 
+def test_too_few_target_images_for_k1_are_refused_before_writing(target_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"training images .* are too few for clustering.k1=100000"):
+        adapt.adapt_to_target(tiny_config(target_root, run_dir, "clustering.k1=100000"))
+    assert not run_dir.exists()
+
+
+def test_a_problem_at_epoch_0_says_how_to_go_on(
+    target_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found once the run folder exists (no cluster at epoch 0): the message names the --resume that goes
+    on, and that command with the fix does go on in the same folder."""
+    run_dir = tmp_path / "run"
+    sets = [*TINY_OVERRIDES, f"data.target_root={target_root}", f"run.run_dir={run_dir}", "optim.epochs=1"]
+    argv = ["adapt", *(arg for item in sets for arg in ("--set", item))]
+    assert cli.main([*argv, "--set", "clustering.dbscan_eps=1e-9"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # the lines before it are the run's log
+    assert error.startswith("dualref: error: DBSCAN found no cluster at epoch 0")
+    assert f"; {run_dir} holds this run's config and no epoch yet" in error
+    assert f"`dualref adapt --resume {run_dir} --set KEY=VALUE`" in error
+    assert cli.main(["adapt", "--resume", str(run_dir), "--set", "clustering.dbscan_eps=null"]) == 0
+    assert (run_dir / "checkpoint.pt").is_file()
+
+
 def test_adapt_resume_of_a_pretraining_folder_names_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -112,6 +112,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _run_config(PretrainConfig, args, other=AdaptConfig, other_command="adapt")
     try:
         pretrain.pretrain_on_source(cfg, resume=args.resume)
+    except ValueError as err:
+        raise _with_resume_hint(err, Path(args.resume or cfg.run.run_dir), "pretrain") from err
     finally:
         distributed.close()  # under torchrun: leave the process group
     return 0
@@ -125,9 +127,25 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     cfg = _run_config(AdaptConfig, args, other=PretrainConfig, other_command="pretrain")
     try:
         adapt.adapt_to_target(cfg, resume=args.resume)
+    except ValueError as err:
+        raise _with_resume_hint(err, Path(args.resume or cfg.run.run_dir), "adapt") from err
     finally:
         distributed.close()  # under torchrun: leave the process group
     return 0
+
+
+def _with_resume_hint(err: ValueError, run_dir: Path, command: str) -> ValueError:
+    """`err`, saying how to go on when the run folder was written before the error and holds no epoch
+    yet (a problem found at epoch 0): the same command would be refused as "already holds a run"."""
+    from dualref import runs
+
+    if not (run_dir / runs.CONFIG_FILE).is_file() or (run_dir / runs.CHECKPOINT_FILE).is_file():
+        return err
+    hint = (
+        f"; {run_dir} holds this run's config and no epoch yet: after fixing the cause, go on with "
+        f"`dualref {command} --resume {run_dir} --set KEY=VALUE` (or remove the folder)"
+    )
+    return ValueError(f"{_worker_cause(err)}{hint}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -225,6 +225,11 @@ def _parse_target(cfg: AdaptConfig) -> ReidSplits:
     """The target's splits, parsed (no image opened) and checked before the run folder is written."""
     target = datasets.load_dataset(cfg.data.target, cfg.data.target_root)
     _require_target(target)
+    if cfg.optim.epochs > 0 and len(target.train) <= cfg.clustering.k1:
+        raise ValueError(
+            f"the target's {len(target.train)} training images ({cfg.data.target_root}) are too few for "
+            f"clustering.k1={cfg.clustering.k1}; expected more images than k1 (or a smaller clustering.k1)"
+        )
     return target
 
 
