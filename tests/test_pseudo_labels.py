@@ -45,6 +45,19 @@ def test_stage_equals_its_parts_and_keeps_a_given_eps() -> None:
     assert labels.eps == eps
     assert np.array_equal(labels.coarse, coarse)
     assert np.array_equal(labels.refined, refinement.refine_labels(features, coarse, 2, seed=3))
+    # What the blobs imply, whatever the parts compute: no coarse cluster mixes two groups, the clustered
+    # points of a group share one cluster, and every point of a clustered group is refined into it.
+    groups = np.arange(48) // 8
+    clustered = labels.coarse[:48] >= 0
+    for cluster in set(labels.coarse[:48][clustered].tolist()):
+        assert len(set(groups[labels.coarse[:48] == cluster].tolist())) == 1
+    for group in range(6):
+        members = labels.coarse[group * 8 : group * 8 + 8]
+        found = set(members[members >= 0].tolist())
+        assert len(found) <= 1
+        if found:
+            assert set(labels.refined[group * 8 : group * 8 + 8].tolist()) == found
+    assert clustered.sum() >= 24 and labels.num_clusters >= 4  # most groups found at rho 0.05
     fixed = pseudo_labels.compute_pseudo_labels(
         features, settings, eps=0.3, refine=False, seed=3, device=torch.device("cpu")
     )

@@ -278,8 +278,15 @@ def test_off_line_stage_gets_the_clustering_settings_and_the_run_seed(run: Recor
 def test_eps_is_derived_from_epoch_0_features_and_then_fixed(run: Recording) -> None:
     (f0, eps_in0, labels0), (_, eps_in1, labels1) = run.pseudo
     assert eps_in0 is None  # derived at epoch 0...
-    dist = distances.jaccard_distance(f0, run.cfg.clustering.k1, run.cfg.clustering.k2)
-    assert labels0.eps == clustering.dbscan_eps(dist, run.cfg.clustering.dbscan_rho)
+    # The rho rule written out on the dense matrix (absent entries are 1): the mean of the smallest
+    # round(rho * count) non-zero distances above the diagonal, as the reference computed it.
+    stored = distances.jaccard_distance(f0, run.cfg.clustering.k1, run.cfg.clustering.k2).tocoo()
+    dense = np.ones(stored.shape)
+    dense[stored.row, stored.col] = stored.data
+    values = dense[np.triu_indices(len(dense), k=1)]
+    values = np.sort(values[values != 0])
+    chosen = int(np.round(run.cfg.clustering.dbscan_rho * values.size))
+    assert labels0.eps == pytest.approx(float(values[:chosen].mean()), rel=1e-9)
     assert eps_in1 == labels0.eps and labels1.eps == labels0.eps  # ...and handed to every later epoch
     assert run.dbscan_eps == [labels0.eps, labels0.eps]  # DBSCAN itself ran with it
 
