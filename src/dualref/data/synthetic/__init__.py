@@ -7,7 +7,9 @@ right), pose jitter, framing jitter, background clutter and an occluder; each ca
 brightness, contrast, illumination gradient, blur, noise and background. The two domains differ in clothing
 palette (A: saturated, every hue; B: more blues, browns and olives, less saturated), illumination (B: warmer,
 darker, stronger casts), backgrounds (A: mostly outdoor brick and pavement; B: mostly indoor shelves and
-tiles), resolution (B: half resolution, blurrier, noisier) and camera count (A: 6; B: 4).
+tiles), resolution (B: half resolution, blurrier, noisier) and camera count (A: 6; B: 4). As in real re-ID
+data, half of each domain's identities are look-alikes (A: pairs, B: triples) that wear the same clothes and
+differ only in shoes, hair, body shape and accessories (`DomainStyle.lookalike_share`).
 
 Rendering is vectorised over a batch of images with numpy; PIL only encodes JPEG. Everything random comes
 from generators seeded by ``(seed, domain name)``, so the same seed gives byte-identical files.
