@@ -270,7 +270,8 @@ def checkpoint_evaluator(
 ) -> tuple[ReidNet, Evaluator, dict[str, Any]]:
     """A saved model (on `device`, eval mode), the evaluation of a data set at its input size, its state.
 
-    Arguments as :func:`evaluate_checkpoint`.
+    Arguments as :func:`evaluate_checkpoint`, and how the network computes: `amp_dtype` (autocast dtype,
+    None for float32; checked by `training.check_autocast` before anything runs) and `channels_last`.
     """
     model, state = load_model(checkpoint_path)
     if height is None or width is None:
