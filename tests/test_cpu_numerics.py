@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tiny_pretrain
+import tiny_training
 from dualref import checkpoint, cli, extraction, inference, steps, training
 from dualref.config import LossConfig, RunConfig
 from dualref.memory_bank import InstantMemoryBank
@@ -31,40 +32,9 @@ def _needs_bf16() -> None:
         pytest.skip("this CPU has no native bfloat16 (AVX512-BF16 / AMX): run.amp=bf16 runs float32 here")
 
 
-def _batches(num_batches: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
-    """P x K = 4 x 4 batches of 64x32 images whose colour depends on the identity."""
-    generator = torch.Generator().manual_seed(seed)
-    colours = torch.rand(4, 3, 1, 1, generator=generator) * 2 - 1
-    labels = torch.arange(4).repeat_interleave(4)
-    batches = []
-    for b in range(num_batches):
-        images = colours[labels] + 0.5 * torch.randn(16, 3, 64, 32, generator=generator)
-        batches.append((images, labels, torch.zeros(16, dtype=torch.long), torch.arange(16) + 16 * b))
-    return batches
-
-
 def _source_losses(amp: str, channels_last: bool, epochs: int) -> tuple[list[dict[str, float]], ReidNet]:
     """Per-epoch loss means of source training from one seeded start, under the given numerics."""
-    torch.manual_seed(0)
-    model = training.place_model(ReidNet("tiny", num_classes=4), CPU, channels_last)
-    optimizer = training.build_adam(model.parameters(), lr=1e-3, weight_decay=0.0)
-    batches = _batches(4, seed=0)
-    means = []
-    for epoch in range(epochs):
-        stats = steps.train_source_epoch(
-            model,
-            batches,
-            optimizer,
-            device=CPU,
-            label_smoothing=0.1,
-            triplet_margin=None,
-            amp_dtype=training.resolve_amp(amp, CPU),
-            channels_last=channels_last,
-            progress=False,
-            epoch=epoch,
-        )
-        means.append(dict(stats.means))
-    return means, model
+    return tiny_training.source_epochs(CPU, amp, channels_last, lr=1e-3, num_batches=4, epochs=epochs)
 
 
 def _assert_close_losses(got: list[dict[str, float]], expected: list[dict[str, float]], atol: float) -> None:
@@ -105,7 +75,7 @@ def test_bf16_dual_refinement_step_keeps_the_bank_in_float32() -> None:
         optimizer = training.build_adam([*model.parameters(), memory.weight], lr=1e-3, weight_decay=0.0)
         stats = steps.train_target_epoch(
             model,
-            _batches(4, seed=1),
+            tiny_training.identity_batches(4, seed=1),
             optimizer,
             (torch.arange(64) // 4) % 4,
             memory=memory,
@@ -126,7 +96,7 @@ def test_bf16_extraction_is_float32_output_close_to_float32() -> None:
     _needs_bf16()
     torch.manual_seed(0)
     model = training.place_model(ReidNet("tiny", num_classes=4), CPU, True).eval()
-    batches = _batches(2, seed=2)
+    batches = tiny_training.identity_batches(2, seed=2)
     expected = extraction.extract_features(model, batches, CPU, progress=False)
     got = extraction.extract_features(model, batches, CPU, progress=False, amp_dtype=torch.bfloat16)
     assert got.dtype == torch.float32 and got.shape == expected.shape
@@ -143,7 +113,7 @@ def test_channels_last_checkpoint_loads_into_a_contiguous_model(tmp_path: Path) 
     assert not training.is_channels_last(loaded)
     contiguous = ReidNet("tiny", num_classes=4)
     contiguous.load_state_dict({k: v.contiguous() for k, v in trained.state_dict().items()})
-    batches = _batches(2, seed=3)
+    batches = tiny_training.identity_batches(2, seed=3)
     got = extraction.extract_features(loaded, batches, CPU, progress=False)
     expected = extraction.extract_features(contiguous.eval(), batches, CPU, progress=False)
     assert torch.equal(got, expected)

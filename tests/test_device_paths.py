@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tiny_training
 from conftest import DEVICE
 from dualref import extraction, losses, steps, training
 from dualref.config import LossConfig
@@ -27,40 +28,9 @@ pytestmark = pytest.mark.skipif(
 LOSS_RTOL = {"none": 1e-2, "bf16": 5e-2, "fp16": 3e-2}
 
 
-def _identity_batches(num_batches: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
-    """P x K = 4 x 4 batches of 64x32 images whose colour depends on the identity (learnable)."""
-    generator = torch.Generator().manual_seed(seed)
-    colours = torch.rand(4, 3, 1, 1, generator=generator) * 2 - 1
-    labels = torch.arange(4).repeat_interleave(4)
-    batches = []
-    for b in range(num_batches):
-        images = colours[labels] + 0.5 * torch.randn(16, 3, 64, 32, generator=generator)
-        indices = torch.arange(16) + 16 * b
-        batches.append((images, labels, torch.zeros(16, dtype=torch.long), indices))
-    return batches
-
-
 def _source_totals(device: torch.device, amp: str, channels_last: bool) -> tuple[list[float], ReidNet]:
-    torch.manual_seed(0)
-    model = training.place_model(ReidNet("tiny", num_classes=4), device, channels_last)
-    optimizer = training.build_adam(model.parameters(), lr=3e-3, weight_decay=0.0)
-    batches = _identity_batches(8, seed=0)
-    stats = [
-        steps.train_source_epoch(
-            model,
-            batches,
-            optimizer,
-            device=device,
-            label_smoothing=0.1,
-            triplet_margin=None,
-            amp_dtype=training.resolve_amp(amp, device),
-            channels_last=channels_last,
-            progress=False,
-            epoch=epoch,
-        )
-        for epoch in range(3)
-    ]
-    return [s.means["total"] for s in stats], model
+    means, model = tiny_training.source_epochs(device, amp, channels_last, lr=3e-3, num_batches=8, epochs=3)
+    return [m["total"] for m in means], model
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
@@ -85,7 +55,7 @@ def _full_objective(device: torch.device, amp: str) -> tuple[dict[str, float], t
     optimizer = torch.optim.Adam(params, lr=1e-3)
     stats = steps.train_target_epoch(
         model,
-        _identity_batches(4, seed=1),
+        tiny_training.identity_batches(4, seed=1),
         optimizer,
         (torch.arange(num_samples) // 4) % 4,
         memory=memory,
@@ -146,7 +116,7 @@ def test_knn_and_jaccard_on_device_match_cpu(device: torch.device) -> None:
 def test_extraction_on_device_matches_cpu(device: torch.device, amp: str) -> None:
     torch.manual_seed(0)
     model = ReidNet("tiny", num_classes=4).eval()
-    batches = _identity_batches(2, seed=2)
+    batches = tiny_training.identity_batches(2, seed=2)
     expected = extraction.extract_features(model, batches, torch.device("cpu"), progress=False)
     got = extraction.extract_features(
         model.to(device), batches, device, progress=False, amp_dtype=training.AMP_DTYPES[amp]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Iterable, Sized
 
@@ -12,8 +11,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dualref import training
-
-log = logging.getLogger(__name__)
 
 
 def extract_features(
