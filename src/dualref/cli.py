@@ -275,6 +275,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_release(args: argparse.Namespace) -> int:
+    from dualref.pipelines import release
+
+    evaluations = [release.Evaluation.parse(text) for text in args.evaluate]
+    card = release.run_release(
+        args.checkpoint,
+        args.out,
+        evaluations=evaluations,
+        weights=args.weights,
+        command=args.command,
+        **_compute(args),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+    )
+    print(f"released {args.checkpoint} -> {args.out} ({card['bytes'] / 1e6:.1f} MB, {card['weights_dtype']})")
+    print(f"sha256 {card['sha256']}")
+    for dataset, scores in card["evaluation"].items():
+        full = scores["full_precision"]
+        print(
+            f"{dataset} ({scores['role']}): mAP {100 * scores['mAP']:.2f}, R1 {100 * scores['rank1']:.2f} "
+            f"(full precision: {100 * full['mAP']:.2f}, {100 * full['rank1']:.2f})"
+        )
+    print(f"card written to {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from dualref.pipelines import study
 
@@ -289,11 +315,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.run_demo(args.out, seed=args.seed, quick=args.quick, device=args.device, amp=args.amp)
 
 
-def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+def _add_inference_options(parser: argparse.ArgumentParser, *, flip: bool = True) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
-    parser.add_argument("--flip", action="store_true", help="average with horizontally flipped images")
+    if flip:
+        parser.add_argument("--flip", action="store_true", help="average with horizontally flipped images")
     parser.add_argument(
         "--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16: CUDA only)"
     )
@@ -449,6 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, default=1e-4, help="largest accepted difference to PyTorch (1e-4)"
     )
     export.set_defaults(func=_cmd_export)
+
+    release = sub.add_parser(
+        "release", help="a trained model as a small file with its card (float16 weights, SHA-256, scores)"
+    )
+    release.add_argument("checkpoint")
+    release.add_argument("--out", required=True, help="the released file (.pt); its card goes beside it")
+    release.add_argument(
+        "--evaluate",
+        action="append",
+        default=[],
+        metavar="DATASET=ROOT",
+        help="score the release and the original on this data set's query/gallery (repeatable)",
+    )
+    release.add_argument("--weights", default="float16", choices=("float16", "float32"))
+    release.add_argument("--command", default=None, help="how the model was trained, for the card")
+    _add_inference_options(release, flip=False)
+    release.set_defaults(func=_cmd_release)
 
     study = sub.add_parser("study", help="rows x seeds of adaptation runs, resumable; mean ± std and plot")
     study.add_argument("study", help="study YAML file (docs/study.md)")
