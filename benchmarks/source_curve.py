@@ -159,6 +159,7 @@ def report() -> None:
         if (row := profile_row(source, length)) is not None
     ]
     (RESULTS / "source_curve.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, RESULTS / "source_curve.png")
     for row in rows:
         print(
             f"| {row['source']} | {row['iterations']} | {100 * row['source_mAP']:.1f} / "
@@ -168,6 +169,38 @@ def report() -> None:
             f"{100 * row['largest_share']:.1f} % | {row['coarse_precision']:.3f} / {row['coarse_F']:.3f} | "
             f"{row['refined_precision']:.3f} / {row['refined_F']:.3f} | {100 * row['moved_share']:.0f} % |"
         )
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Source and direct-transfer mAP (left) and the target clusters' pairwise F, coarse and refined (right),
+    against the length, one colour per direction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (scores, quality) = plt.subplots(1, 2, figsize=(10, 4))
+    for source, colour in zip(DIRECTIONS, ("tab:blue", "tab:orange"), strict=True):
+        mine = sorted((r for r in rows if r["source"] == source), key=lambda r: r["iterations"])
+        if not mine:
+            continue
+        its = [r["iterations"] for r in mine]
+        target = DIRECTIONS[source][1]
+        source_map = [100 * r["source_mAP"] for r in mine]
+        scores.plot(its, source_map, "o--", color=colour, label=f"{source} (source)")
+        scores.plot(its, [100 * r["transfer_mAP"] for r in mine], "o-", color=colour, label=f"-> {target}")
+        quality.plot(its, [r["coarse_F"] for r in mine], "o--", color=colour, label=f"{target} coarse")
+        quality.plot(its, [r["refined_F"] for r in mine], "o-", color=colour, label=f"{target} refined")
+    for axis, label in ((scores, "mAP (%)"), (quality, "pairwise F of the target's pseudo-labels")):
+        axis.set_xscale("log")
+        axis.set_xlabel("source training iterations (reference: 16,000)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle("Source learning curve, MobileNetV2 128x64, reference schedule shape")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> int:
