@@ -52,42 +52,44 @@ class Mutant:
 
 
 ADAPT, STEPS, OBJECTIVE = "pipelines/adapt.py", "steps.py", "losses/objective.py"
-RESET_THEN_OPTIMIZER = """\
-            model.reset_classifier(labels.num_clusters, centroids.to(device))
-            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch, ranks)
+LABELS_THEN_OPTIMIZER = """\
+            state.take_labels(prepared, features, refresh_bank=epoch == 0 or cfg.loss.bank_refresh)
+            monitoring = _monitoring_record(prepared, features, state.memory, monitor_pids, cfg, ranks)
+            loader = _train_loader(images, prepared.labels.coarse, cfg, cluster_loader, device, epoch, ranks)
             lr, mu = common.epoch_lr(cfg.optim, epoch), cfg.loss.spread_weight_at(epoch)
-            optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
+            state.optimizer = _build_optimizer(model, state.memory, lr, cfg, previous=state.optimizer)
 """
-OPTIMIZER_THEN_RESET = """\
+OPTIMIZER_THEN_LABELS = """\
             lr, mu = common.epoch_lr(cfg.optim, epoch), cfg.loss.spread_weight_at(epoch)
-            optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
-            model.reset_classifier(labels.num_clusters, centroids.to(device))
-            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch, ranks)
+            state.optimizer = _build_optimizer(model, state.memory, lr, cfg, previous=state.optimizer)
+            state.take_labels(prepared, features, refresh_bank=epoch == 0 or cfg.loss.bank_refresh)
+            monitoring = _monitoring_record(prepared, features, state.memory, monitor_pids, cfg, ranks)
+            loader = _train_loader(images, prepared.labels.coarse, cfg, cluster_loader, device, epoch, ranks)
 """
 
 MUTANTS = [
     # off-line stage -> on-line stage (the adaptation loop)
     Mutant("M01", STEPS, "refined = refined_labels[indices]  # [B]", "refined = coarse  # [B]",
            "step: refined labels replaced by the coarse ones (label refinement silently off)"),
-    Mutant("M02", ADAPT, "model.reset_classifier(labels.num_clusters, centroids.to(device))",
-           "model.reset_classifier(labels.num_clusters)",
+    Mutant("M02", ADAPT, "reset_classifier(prepared.labels.num_clusters, prepared.centroids)",
+           "reset_classifier(prepared.labels.num_clusters)",
            "loop: classifier no longer initialised from the cluster centroids"),
-    Mutant("M03", ADAPT, "torch.as_tensor(labels.refined_or_coarse(), device=device)",
-           "torch.as_tensor(labels.coarse, device=device)",
+    Mutant("M03", ADAPT, "torch.from_numpy(prepared.labels.refined_or_coarse())",
+           "torch.from_numpy(prepared.labels.coarse)",
            "loop: the step is handed the coarse labels as refined ones"),
-    Mutant("M04", ADAPT, "refine = cfg.loss.refined_weight > 0", "refine = False",
+    Mutant("M04", ADAPT, "refine=cfg.loss.refined_weight > 0,", "refine=False,",
            "loop: refinement never computed (refined falls back to coarse)"),
-    Mutant("M05", ADAPT, "loader = _train_loader(images, labels.coarse, cfg",
-           "loader = _train_loader(images, labels.refined_or_coarse(), cfg",
+    Mutant("M05", ADAPT, "loader = _train_loader(images, prepared.labels.coarse, cfg",
+           "loader = _train_loader(images, prepared.labels.refined_or_coarse(), cfg",
            "loop: sampler drawn over the refined labels (outliers sampled)"),
-    Mutant("M06", ADAPT, "eps = labels.eps", "eps = None  # recomputed every epoch",
+    Mutant("M06", ADAPT, "self.eps = prepared.labels.eps", "self.eps = None  # recomputed every epoch",
            "loop: eps recomputed every epoch instead of fixed at epoch 0"),
-    Mutant("M07", ADAPT, "(epoch == 0 or cfg.loss.bank_refresh)", "(epoch >= 0 or cfg.loss.bank_refresh)",
+    Mutant("M07", ADAPT, "refresh_bank=epoch == 0 or", "refresh_bank=epoch >= 0 or",
            "loop: bank re-initialised every epoch"),
-    Mutant("M08", ADAPT, "(epoch == 0 or cfg.loss.bank_refresh)", "(epoch == 0)",
+    Mutant("M08", ADAPT, "refresh_bank=epoch == 0 or cfg.loss.bank_refresh)", "refresh_bank=epoch == 0)",
            "loop: loss.bank_refresh ignored"),
-    Mutant("M09", ADAPT, "(epoch == 0 or cfg.loss.bank_refresh)",
-           "(epoch == cfg.optim.epochs - 1 or cfg.loss.bank_refresh)",
+    Mutant("M09", ADAPT, "refresh_bank=epoch == 0 or",
+           "refresh_bank=epoch == cfg.optim.epochs - 1 or",
            "loop: bank initialised at the wrong epoch (last instead of first)"),
     Mutant("M10", ADAPT, "clustering.cluster_centroids(features, labels.coarse, labels.num_clusters)",
            "clustering.cluster_centroids(features, labels.refined_or_coarse(), labels.num_clusters)",
@@ -96,7 +98,7 @@ MUTANTS = [
            "loop: learning rate of epoch 0 kept for every epoch"),
     Mutant("M12", ADAPT, "cfg.loss.spread_weight_at(epoch)", "cfg.loss.spread_weight",
            "loop: mu ramp-up (loss.spread_rampup_epochs) ignored"),
-    Mutant("M13", ADAPT, RESET_THEN_OPTIMIZER, OPTIMIZER_THEN_RESET,
+    Mutant("M13", ADAPT, LABELS_THEN_OPTIMIZER, OPTIMIZER_THEN_LABELS,
            "loop: Adam built before the classifier is replaced (new classifier never trained)"),
     Mutant("M14", ADAPT, "return [*params, memory.weight]", "return params",
            "loop: instant bank left out of the optimizer"),
@@ -106,11 +108,12 @@ MUTANTS = [
            "loop: the sampler draws epoch 0's order every epoch"),
     Mutant("M17", ADAPT, "memory.init_from(features)", "memory.init_from(features.flip(0))",
            "loop: bank rows misaligned with the dataset indices"),
-    Mutant("M18", ADAPT, "centroids.to(device))", "centroids.flip(0).to(device))",
+    Mutant("M18", ADAPT, "prepared.centroids)", "prepared.centroids.flip(0))",
            "loop: classifier rows in the wrong cluster order"),
     Mutant("M19", ADAPT, "        images.camids,\n", "        [0] * len(images.camids),\n",
            "loop: sampler given no cameras (camera-aware P x K off)"),
-    Mutant("M20", ADAPT, "refine=refine, seed=cfg.run.seed,", "refine=refine, seed=0,",
+    Mutant("M20", ADAPT, "refined_weight > 0,\n        seed=cfg.run.seed,",
+           "refined_weight > 0,\n        seed=0,",
            "loop: k-means restarts of the refinement no longer seeded by run.seed"),
     # batch -> loss terms (the step)
     Mutant("M21", STEPS, "metric = triplet_feature(out.pooled, features, loss)", "metric = features",

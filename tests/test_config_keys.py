@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -174,6 +175,68 @@ def train(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[tuple[
         yield run
 
 
+LR = 3.5e-4  # optim.lr's default
+
+
+def _lrs(run: Outcome) -> list[float]:
+    return [record["lr"] for record in run.records]
+
+
+def _first(run: Outcome, key: str) -> Any:
+    return run.records[0][key]
+
+
+# Where a key's formula says which way (or how far) it moves what the run logs, the row checks that too:
+# row id -> what the changed run (and its reference) must show. Learning rates from the schedule's formula
+# (training.lr_at_epoch's docstring), worked by hand.
+EXPECTED: dict[str, Callable[[Outcome, Outcome], bool]] = {
+    "loss.spread_weight=0.5": lambda ref, new: _first(ref, "spread_weight") == 0.1
+    and _first(new, "spread_weight") == 0.5,
+    "loss.spread_weight=0.0": lambda ref, new: new.memory is None and new.losses[0]["loss_memory"] == 0.0,
+    "loss.spread_rampup_epochs=2": lambda ref, new: _first(new, "spread_weight") == 0.0
+    and new.losses[0]["loss_memory"] == 0.0  # weight 0: the term is not even computed
+    and new.memory is not None
+    and ref.losses[0]["loss_memory"] > 0,
+    "loss.refined_weight=0.0": lambda ref, new: new.losses[0]["loss_ce_refined"] == 0.0
+    and new.losses[0]["loss_triplet_refined"] == 0.0
+    and ref.losses[0]["loss_ce_refined"] > 0,
+    "loss.refined_weight=1.0": lambda ref, new: new.losses[0]["loss_ce_coarse"] == 0.0
+    and new.losses[0]["loss_triplet_coarse"] == 0.0
+    and ref.losses[0]["loss_ce_coarse"] > 0,
+    "clustering.dbscan_rho=0.1": lambda ref, new: _first(new, "eps") > _first(ref, "eps"),
+    "clustering.dbscan_eps=0.4": lambda ref, new: _first(new, "eps") == 0.4 != _first(ref, "eps"),
+    "clustering.max_cluster_share=0.1": lambda ref, new: _first(new, "largest_cluster_share") <= 0.1
+    < _first(ref, "largest_cluster_share")
+    and _first(new, "eps") < _first(ref, "eps"),
+    # More points needed to be core: never fewer outliers.
+    "clustering.min_samples=6": lambda ref, new: _first(new, "num_outliers") > _first(ref, "num_outliers"),
+    "optim.lr=1e-3": lambda ref, new: _lrs(ref) == [LR] and _lrs(new) == [1e-3],
+    "optim.schedule=warmup_multistep": lambda ref, new: _lrs(new) == pytest.approx([0.109 * LR]),
+    "optim.schedule=constant (2 epochs)": lambda ref, new: _lrs(ref) == pytest.approx([LR, 0.1 * LR])
+    and _lrs(new) == [LR, LR],
+    "optim.warmup_epochs=2": lambda ref, new: _lrs(new) == pytest.approx([0.505 * LR]),
+    "optim.warmup_factor=0.5": lambda ref, new: _lrs(new) == pytest.approx([0.55 * LR]),
+    "optim.milestones=[1]": lambda ref, new: _lrs(new) == pytest.approx([0.0109 * LR]),
+    "optim.lr_decay_epochs=1 (2 epochs)": lambda ref, new: _lrs(ref) == [LR, LR]
+    and _lrs(new) == pytest.approx([LR, 0.1 * LR]),
+    "optim.gamma=0.5 (2 epochs)": lambda ref, new: _lrs(new) == pytest.approx([LR, 0.5 * LR]),
+    "optim.reference_warmup_offset=false": lambda ref, new: _lrs(new) == pytest.approx([0.01 * LR]),
+}
+
+
+def _objective_holds(run: Outcome) -> bool:
+    """The logged total is the paper's objective of the logged terms under the run's weights (means over
+    iterations of a linear combination with per-epoch weights)."""
+    lam, alpha = run.config["loss"]["ce_weight"], run.config["loss"]["refined_weight"]
+    for terms, record in zip(run.losses, run.records, strict=True):
+        coarse = lam * terms["loss_ce_coarse"] + terms["loss_triplet_coarse"]
+        refined = lam * terms["loss_ce_refined"] + terms["loss_triplet_refined"]
+        total = (1 - alpha) * coarse + alpha * refined + record["spread_weight"] * terms["loss_memory"]
+        if terms["loss_total"] != pytest.approx(total, rel=1e-5, abs=1e-7):
+            return False
+    return True
+
+
 def _weights_differ(a: Outcome, b: Outcome) -> bool:
     if a.model.keys() != b.model.keys() or (a.memory is None) != (b.memory is None):
         return True
@@ -195,6 +258,14 @@ def test_config_key_changes_training_exactly_when_it_should(
         assert _weights_differ(reference, changed), f"{row.id} did not change the weights ({row.why})"
     else:
         assert same_training(reference, changed), f"{row.id} changed the training ({row.why})"
+    expected = EXPECTED.get(row.id)
+    assert expected is None or expected(reference, changed), f"{row.id}: not what {row.why!r} implies"
+    if row.key.startswith("loss."):
+        assert _objective_holds(reference) and _objective_holds(changed), row.id
+
+
+def test_every_expectation_names_a_row() -> None:
+    assert set(EXPECTED) <= {row.id for row in ROWS}
 
 
 def test_the_table_names_every_key_of_the_method() -> None:

@@ -90,6 +90,6 @@ def test_label_record_counts_refined_moves() -> None:
     labels = pseudo_labels.PseudoLabels(
         coarse=np.array([0, 0, 1, 1, -1]), refined=np.array([0, 2, 1, 1, 5]), num_clusters=2, eps=0.5
     )
-    record = pseudo_labels.label_record(labels, num_instances=2)
+    record = pseudo_labels.label_record(labels, pseudo_labels.cluster_profile(labels.coarse, num_instances=2))
     assert record["refined_changed"] == pytest.approx(0.25)  # 1 of the 4 clustered images moved
     assert record["eps"] == 0.5 and record["num_outliers"] == 1

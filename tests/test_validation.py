@@ -306,7 +306,7 @@ def test_all_outliers_with_a_fixed_eps_hints_at_dbscan_eps(target_root: Path, tm
     capped = tiny_config(target_root, tmp_path / "x", "clustering.max_cluster_share=0.1")
     hint = "raise clustering.dbscan_rho or clustering.max_cluster_share"
     with pytest.raises(ValueError, match=re.escape(hint)):
-        adapt._check_clusters(labels, 0, capped)
+        adapt._check_clusters(labels, {}, 0, capped)  # no cluster: refused before the profile is read
 
 
 def test_degenerate_clusterings_are_warned_each_epoch_with_numbers_and_keys(
@@ -326,8 +326,10 @@ def test_degenerate_clusterings_are_warned_each_epoch_with_numbers_and_keys(
     assert pseudo_labels.degenerate_clustering(healthy, identities_per_batch=16, fixed_eps=False) == []
     # In the loop: the tiny random model chains a fifth of the target into one cluster.
     coarse = np.array([0] * 40 + [1] * 10 + [2] * 10 + [-1] * 40)
+    profile = pseudo_labels.cluster_profile(coarse, num_instances=4)
+    cfg = tiny_config(target_root, tmp_path)
     with caplog.at_level(logging.WARNING, logger="dualref"):
-        adapt._check_clusters(PseudoLabels(coarse, None, 3, 0.4), 0, tiny_config(target_root, tmp_path))
+        adapt._check_clusters(PseudoLabels(coarse, None, 3, 0.4), profile, 0, cfg)
     assert "epoch 1/2: degenerate clustering (3 clusters, largest 40.0% of the images" in caplog.text
 
 

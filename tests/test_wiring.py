@@ -4,8 +4,9 @@ The maths of every stage has its own tests; these check the connections (issue 1
 `dualref.pipelines.adapt.adapt_to_target` (off-line stage -> classifier, sampler, bank, optimizer, step)
 and `dualref.steps.train_target_epoch` (batch -> labels, features, loss terms, objective, gradients).
 Pipeline tests record, with small wrappers around the functions the loop calls, what each stage received
-during a real two-epoch run on the tiny synthetic target; step tests use hand-built batches with answers
-computed here, term by term.
+during a real two-epoch run on the tiny synthetic target; the off-line stage (`adapt.prepare_epoch`, a pure
+function of the run state and the features) is called directly on the features the run extracted; step
+tests use hand-built batches with answers computed here, term by term.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dualref.losses.objective import LossTerms, LossWeights
 from dualref.memory_bank import InstantMemoryBank, MemoryBank, MomentumMemoryBank
 from dualref.models.reid_net import ReidNet, ReidOutput
 from dualref.pipelines import adapt, common
+from dualref.pipelines.cluster import run_cluster
 from tiny_adapt import outcome, quiet_pipeline, tiny_config, write_target
 
 # --- recording a real adaptation ---------------------------------------------------------------------
@@ -78,9 +80,9 @@ class Recording:
     run_dir: Path
     # (epochs trained before the call, model state, output) of every feature extraction
     extractions: list[tuple[int, dict[str, Tensor], Tensor]] = field(default_factory=list)
+    # (features, the state's eps, the labels) of every `prepare_epoch` call, and its whole result
     pseudo: list[tuple[Tensor, float | None, pseudo_labels.PseudoLabels]] = field(default_factory=list)
-    pseudo_kwargs: list[dict[str, Any]] = field(default_factory=list)
-    dbscan_eps: list[float] = field(default_factory=list)
+    prepared: list[adapt.EpochLabels] = field(default_factory=list)
     sampler_calls: list[tuple[list[int], list[int], dict[str, Any]]] = field(default_factory=list)
     bank_inits: list[Tensor] = field(default_factory=list)
     epochs: list[Epoch] = field(default_factory=list)
@@ -97,8 +99,7 @@ def _state(model: torch.nn.Module) -> dict[str, Tensor]:
 
 def _install_recorders(patch: pytest.MonkeyPatch, rec: Recording) -> None:
     real_extract = extraction.extract_features
-    real_pseudo = pseudo_labels.compute_pseudo_labels
-    real_dbscan = clustering.cluster_dbscan
+    real_prepare = adapt.prepare_epoch
     real_loader = loaders.train_loader
     real_init = InstantMemoryBank.init_from
     real_epoch = steps.train_target_epoch
@@ -112,17 +113,12 @@ def _install_recorders(patch: pytest.MonkeyPatch, rec: Recording) -> None:
         rec.extractions.append((len(rec.epochs), state, features))
         return features
 
-    def pseudo(
-        features: Tensor, settings: Any, *, eps: float | None, **kwargs: Any
-    ) -> pseudo_labels.PseudoLabels:
-        labels = real_pseudo(features, settings, eps=eps, **kwargs)
-        rec.pseudo.append((features, eps, labels))
-        rec.pseudo_kwargs.append({"settings": settings, **kwargs})
-        return labels
-
-    def dbscan(dist: Any, eps: float, *args: Any, **kwargs: Any) -> np.ndarray:
-        rec.dbscan_eps.append(eps)
-        return real_dbscan(dist, eps, *args, **kwargs)
+    def prepare(state: adapt.AdaptState, features: Tensor, *args: Any) -> adapt.EpochLabels:
+        eps = state.eps
+        prepared = real_prepare(state, features, *args)
+        rec.pseudo.append((features, eps, prepared.labels))
+        rec.prepared.append(prepared)
+        return prepared
 
     def loader(paths: Any, labels: Any, camids: Any, **kwargs: Any) -> Any:
         rec.sampler_calls.append((list(labels), list(camids), kwargs))
@@ -195,8 +191,7 @@ def _install_recorders(patch: pytest.MonkeyPatch, rec: Recording) -> None:
         return real_spread(*args, **kwargs)
 
     patch.setattr(extraction, "extract_features", extract)
-    patch.setattr(pseudo_labels, "compute_pseudo_labels", pseudo)
-    patch.setattr(clustering, "cluster_dbscan", dbscan)
+    patch.setattr(adapt, "prepare_epoch", prepare)
     patch.setattr(loaders, "train_loader", loader)
     patch.setattr(InstantMemoryBank, "init_from", init_from)
     patch.setattr(steps, "train_target_epoch", train_epoch)
@@ -268,15 +263,40 @@ def test_clustering_sees_each_epochs_features_of_the_current_model(run: Recordin
     assert not _equal(run.pseudo[0][0], run.pseudo[1][0])
 
 
-def test_off_line_stage_gets_the_clustering_settings_and_the_run_seed(run: Recording) -> None:
-    assert len(run.pseudo_kwargs) == 2
-    for kwargs in run.pseudo_kwargs:  # clustering.*, refinement on (alpha > 0), k-means seeded by run.seed
-        assert kwargs["settings"] == run.cfg.clustering
-        assert kwargs["refine"] is True and kwargs["seed"] == run.cfg.run.seed
+def test_prepare_epoch_is_the_off_line_stage_of_the_run_settings_and_changes_no_state(run: Recording) -> None:
+    features = run.pseudo[1][0]  # epoch 1's features, extracted by the run
+    cfg, cpu = run.cfg, torch.device("cpu")
+    model = ReidNet("tiny", 1)
+    for eps, seed, alpha in ((None, 0, 0.5), (0.55, 0, 0.5), (0.55, 7, 0.5), (0.55, 0, 0.0)):
+        settings = dataclasses.replace(
+            cfg,
+            run=dataclasses.replace(cfg.run, seed=seed),
+            loss=dataclasses.replace(cfg.loss, refined_weight=alpha),
+        )
+        state = adapt.AdaptState(model, None, eps=eps, epoch=1)
+        prepared = adapt.prepare_epoch(state, features, settings, cpu)
+        # clustering.*, the state's eps, refinement only when a term reads it, k-means seeded by run.seed
+        expected = pseudo_labels.compute_pseudo_labels(
+            features, cfg.clustering, eps=eps, refine=alpha > 0, seed=seed, device=cpu
+        )
+        assert np.array_equal(prepared.labels.coarse, expected.coarse) and prepared.labels.eps == expected.eps
+        if alpha > 0:
+            assert expected.refined is not None and prepared.labels.refined is not None
+            assert np.array_equal(prepared.labels.refined, expected.refined)
+        else:
+            assert prepared.labels.refined is None
+        centroids = clustering.cluster_centroids(features, expected.coarse, expected.num_clusters)
+        assert _equal(prepared.centroids, centroids)
+        assert prepared.profile == pseudo_labels.cluster_profile(expected.coarse, num_instances=4)
+        assert (state.eps, state.epoch, state.optimizer) == (eps, 1, None)  # read, not changed
+    # In the run, each epoch's labels are what prepare_epoch gives on that epoch's features and eps.
+    for epoch, (features, eps, labels) in enumerate(run.pseudo):
+        again = adapt.prepare_epoch(adapt.AdaptState(model, None, eps=eps, epoch=epoch), features, cfg, cpu)
+        assert np.array_equal(again.labels.coarse, labels.coarse) and again.labels.eps == labels.eps
 
 
 def test_eps_is_derived_from_epoch_0_features_and_then_fixed(run: Recording) -> None:
-    (f0, eps_in0, labels0), (_, eps_in1, labels1) = run.pseudo
+    (f0, eps_in0, labels0), (f1, eps_in1, labels1) = run.pseudo
     assert eps_in0 is None  # derived at epoch 0...
     # The rho rule written out on the dense matrix (absent entries are 1): the mean of the smallest
     # round(rho * count) non-zero distances above the diagonal, as the reference computed it.
@@ -288,7 +308,10 @@ def test_eps_is_derived_from_epoch_0_features_and_then_fixed(run: Recording) -> 
     chosen = int(np.round(run.cfg.clustering.dbscan_rho * values.size))
     assert labels0.eps == pytest.approx(float(values[:chosen].mean()), rel=1e-9)
     assert eps_in1 == labels0.eps and labels1.eps == labels0.eps  # ...and handed to every later epoch
-    assert run.dbscan_eps == [labels0.eps, labels0.eps]  # DBSCAN itself ran with it
+    # Epoch 1's clusters are DBSCAN's at that eps on epoch 1's distances.
+    dist1 = distances.jaccard_distance(f1, run.cfg.clustering.k1, run.cfg.clustering.k2)
+    coarse1 = clustering.cluster_dbscan(dist1, labels0.eps, run.cfg.clustering.min_samples)
+    assert np.array_equal(np.asarray(coarse1), labels1.coarse)
 
 
 def test_coarse_labels_drive_the_sampler_and_the_coarse_terms(run: Recording) -> None:
@@ -644,14 +667,17 @@ def test_minibatch_memory_is_the_batch_itself(monkeypatch: pytest.MonkeyPatch) -
 
 def _forced_refined_run(root: Path, run_dir: Path, *overrides: str) -> tuple[list[Tensor], dict[str, Tensor]]:
     """A run whose refined labels are its coarse ones: its per-step totals and its initial weights."""
-    real_pseudo, real_objective = pseudo_labels.compute_pseudo_labels, objective.dual_refinement_objective
+    real_prepare, real_objective = adapt.prepare_epoch, objective.dual_refinement_objective
     real_extract = extraction.extract_features
     totals: list[Tensor] = []
     initial: list[dict[str, Tensor]] = []
 
-    def coarse_as_refined(*args: Any, **kwargs: Any) -> pseudo_labels.PseudoLabels:
-        labels = real_pseudo(*args, **kwargs)
-        return labels if labels.refined is None else dataclasses.replace(labels, refined=labels.coarse.copy())
+    def coarse_as_refined(*args: Any) -> adapt.EpochLabels:
+        prepared = real_prepare(*args)
+        labels = prepared.labels
+        if labels.refined is None:
+            return prepared
+        return dataclasses.replace(prepared, labels=dataclasses.replace(labels, refined=labels.coarse.copy()))
 
     def total(terms: LossTerms, weights: LossWeights) -> Tensor:
         result = real_objective(terms, weights)
@@ -664,7 +690,7 @@ def _forced_refined_run(root: Path, run_dir: Path, *overrides: str) -> tuple[lis
         return real_extract(model, *args, **kwargs)
 
     with quiet_pipeline() as patch:
-        patch.setattr(pseudo_labels, "compute_pseudo_labels", coarse_as_refined)
+        patch.setattr(adapt, "prepare_epoch", coarse_as_refined)
         patch.setattr(objective, "dual_refinement_objective", total)
         patch.setattr(extraction, "extract_features", extract)
         adapt.adapt_to_target(tiny_config(root, run_dir, *overrides))
@@ -734,3 +760,15 @@ def test_refined_equal_to_coarse_first_step_gradients_agree_to_rounding() -> Non
     for got, want in zip(full_grads, base_grads, strict=True):
         assert got is not None and want is not None
         torch.testing.assert_close(got, want, rtol=0, atol=8 * 1.2e-7 * float(want.abs().max()))
+
+
+def test_dualref_cluster_gives_the_loops_labels_on_the_same_features(run: Recording, tmp_path: Path) -> None:
+    # `dualref cluster` on the features the loop clustered at epoch 0 (saved as `dualref extract` saves
+    # them) gives the loop's labels: both compute the off-line stage the same way on the same device.
+    features, _, labels = run.pseudo[0]
+    np.save(tmp_path / "features.npy", features.numpy())
+    cpu = torch.device("cpu")
+    run_cluster(tmp_path / "features.npy", settings=run.cfg.clustering, seed=run.cfg.run.seed, device=cpu)
+    assert labels.refined is not None
+    assert np.array_equal(np.load(tmp_path / "coarse_labels.npy"), labels.coarse)
+    assert np.array_equal(np.load(tmp_path / "refined_labels.npy"), labels.refined)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -94,15 +95,16 @@ class Outcome:
     losses: list[dict[str, float]]  # per epoch, the logged loss_* means
     model: dict[str, torch.Tensor]
     memory: dict[str, torch.Tensor] | None
+    records: list[dict[str, Any]]  # per epoch, the whole "adapt" record (lr, mu, eps, clusters, ...)
+    config: dict[str, Any]  # the run's resolved config
 
 
 def outcome(run_dir: Path) -> Outcome:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [
-        {k: v for k, v in r.items() if k.startswith("loss_")} for r in records if r["kind"] == "adapt"
-    ]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if r["kind"] == "adapt"]
+    losses = [{k: v for k, v in r.items() if k.startswith("loss_")} for r in records]
     state = load_checkpoint(run_dir / "checkpoint.pt")
-    return Outcome(losses, dict(state["model"]), state["memory"])
+    return Outcome(losses, dict(state["model"]), state["memory"], records, state["config"])
 
 
 def same_training(a: Outcome, b: Outcome) -> bool:

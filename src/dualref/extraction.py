@@ -22,6 +22,7 @@ def extract_features(
     progress: bool = True,
     desc: str = "extract",
     amp_dtype: torch.dtype | None = None,
+    out_device: torch.device | None = None,
 ) -> Tensor:
     """L2-normalised features of every image of a loader, in dataset order.
 
@@ -44,14 +45,17 @@ def extract_features(
         progress: Show a tqdm bar with ETA (only when stderr is a terminal).
         desc: Label of the progress bar.
         amp_dtype: Autocast dtype, or None for float32.
+        out_device: Where the features are gathered and returned (default: the CPU); the adaptation
+            keeps them on its clustering device rather than sending them through the CPU.
 
     Returns:
-        [N, D] float32 CPU tensor, row i = dataset item i, L2-normalised.
+        [N, D] float32 tensor on `out_device`, row i = dataset item i, L2-normalised.
 
     Raises:
         ValueError: The indices do not cover the data set exactly once, or the model's eval output
             is not a [B, D] tensor.
     """
+    out_device = out_device if out_device is not None else torch.device("cpu")
     memory_format = torch.channels_last if training.is_channels_last(model) else torch.contiguous_format
     dataset = getattr(loader, "dataset", None)
     expected_rows = len(dataset) if isinstance(dataset, Sized) else None
@@ -72,7 +76,7 @@ def extract_features(
                 features = _model_features(model, images)
                 if flip:
                     features = features + _model_features(model, images.flip(3))
-                chunks.append((indices.long().cpu(), features.float().cpu()))
+                chunks.append((indices.long().to(out_device), features.float().to(out_device)))
     finally:
         model.train(was_training)
     return _assemble(chunks, expected_rows)

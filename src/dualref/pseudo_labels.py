@@ -77,11 +77,13 @@ def compute_pseudo_labels(
         eps: the eps fixed at epoch 0 (None: derive it now, from `settings`).
         refine: compute the refined labels (skipped when no loss term reads them).
         seed: seed of the k-means restarts.
-        device: device of the neighbour search and the k-means.
+        device: device of the neighbour search and the k-means (the features are moved there, so that
+            `dualref adapt` and `dualref cluster` compute on the same device the same way).
 
     Returns:
         The labels, the eps used and the time of each stage.
     """
+    features = features.to(device)
     seconds: dict[str, float] = {}
     with timed(seconds, "jaccard"):
         dist = distances.jaccard_distance(features, settings.k1, settings.k2, device=device)
@@ -188,13 +190,14 @@ def degenerate_clustering(
     return warnings
 
 
-def label_record(labels: PseudoLabels, *, num_instances: int) -> dict[str, float | int]:
-    """Label-free figures of one epoch's pseudo-labels, for metrics.jsonl."""
+def label_record(labels: PseudoLabels, profile: dict[str, float | int]) -> dict[str, float | int]:
+    """Label-free figures of one epoch's pseudo-labels for metrics.jsonl (`profile`: `cluster_profile`
+    of the coarse labels)."""
     clustered = labels.coarse >= 0
     moved = labels.refined_or_coarse()[clustered] != labels.coarse[clustered]
     return {
         "eps": labels.eps,
-        **cluster_profile(labels.coarse, num_instances=num_instances),
+        **profile,
         "refined_changed": round(float(moved.mean()) if clustered.any() else 0.0, 5),
     }
 

@@ -152,6 +152,8 @@ class ImageDataset(Dataset[Item]):
         resize_to: (height, width) to resize to (bicubic, PIL) while decoding; None keeps the size.
         cache: decode every image once now (thread pool) and keep the uint8 pixels in RAM. Needs
             ``resize_to`` so that all images share one tensor. Raises ImageReadError on a bad file.
+        pixels: [N, 3, H, W] uint8 pixels of `paths` already decoded (another dataset's cache, shared
+            instead of decoding again); takes the place of `cache`.
         batch_transform: maps a [B, 3, H, W] uint8 batch to the model input; when given (with
             ``resize_to``), DataLoader's batched fetch (``__getitems__``) uses it instead of calling
             ``transform`` per image: the same augmentation, vectorised. Single items still use
@@ -172,6 +174,7 @@ class ImageDataset(Dataset[Item]):
         cache: bool = False,
         batch_transform: Callable[..., Tensor] | None = None,
         rows: tuple[int, int] | None = None,
+        pixels: Tensor | None = None,
     ) -> None:
         for name, values in (("labels", labels), ("camids", camids)):
             if values is not None and len(values) != len(paths):
@@ -187,7 +190,11 @@ class ImageDataset(Dataset[Item]):
         if rows is not None and (batch_transform is None or not 0 <= rows[0] < rows[1]):
             raise ValueError(f"rows={rows!r}: expected 0 <= start < stop, with a batch_transform")
         self.rows = rows
-        self.pixels: Tensor | None = self._decode_all() if cache else None
+        if pixels is not None and (resize_to is None or pixels.shape != (len(paths), 3, *resize_to)):
+            raise ValueError(
+                f"pixels of shape {tuple(pixels.shape)}: expected [{len(paths)}, 3, *resize_to={resize_to}]"
+            )
+        self.pixels: Tensor | None = pixels if pixels is not None else self._decode_all() if cache else None
 
     def _decode_all(self) -> Tensor:
         """[N, 3, H, W] uint8 pixels of every image, decoded by a thread pool."""
@@ -312,6 +319,7 @@ def train_loader(
     flip_prob: float = 0.5,
     pad: int = 10,
     rows: tuple[int, int] | None = None,
+    pixels: Tensor | None = None,
 ) -> DataLoader[Item]:
     """P x K training batches, exactly ``num_iterations`` per epoch; labels < 0 are never sampled.
 
@@ -330,6 +338,7 @@ def train_loader(
         pin_memory: set True only when batches go to a CUDA device.
         flip_prob, pad: see :func:`dualref.data.transforms.train_transform`.
         rows: this rank's rows of every batch (see `ImageDataset`); None: the whole batch.
+        pixels: the images already decoded at (height, width), shared instead of `cache` (`ImageDataset`).
     """
     sampler = RandomIdentitySampler(
         labels,
@@ -354,6 +363,7 @@ def train_loader(
         cache=cache,
         batch_transform=augment,
         rows=rows,
+        pixels=pixels,
     )
     return _make_loader(
         dataset, seed=seed, num_workers=num_workers, pin_memory=pin_memory, batch_sampler=sampler
@@ -370,8 +380,12 @@ def test_loader(
     cache: bool = False,
     pin_memory: bool = False,
     camids: Sequence[int] | None = None,
+    pixels: Tensor | None = None,
 ) -> DataLoader[Item]:
-    """Every image once, in the order given, with the test transform (label -1; camid -1 unless given)."""
+    """Every image once, in the order given, with the test transform (label -1; camid -1 unless given).
+
+    `pixels`: the images already decoded at (height, width), shared instead of `cache` (`ImageDataset`).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dataset = ImageDataset(
@@ -382,6 +396,7 @@ def test_loader(
         resize_to=(height, width),
         cache=cache,
         batch_transform=transforms_lib.normalise_batch,
+        pixels=pixels,
     )
     return _make_loader(
         dataset, seed=0, num_workers=num_workers, pin_memory=pin_memory, batch_size=batch_size

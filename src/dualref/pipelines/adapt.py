@@ -21,11 +21,12 @@ Size: over 400 lines: the loop (one screen) and its set-up, checks, checkpoint a
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from dualref import (
     diagnostics,
     distributed,
     extraction,
+    inference,
     pseudo_labels,
     report,
     runs,
@@ -53,6 +55,8 @@ from dualref.pipelines import common
 from dualref.timing import timed
 
 log = logging.getLogger(__name__)
+
+EVAL_KIND = "eval_target"  # metrics.jsonl records of the target evaluations
 
 
 @dataclass(frozen=True)
@@ -76,14 +80,12 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
     """
     device, amp_dtype, channels_last = common.start_process(cfg.run)
     ranks, device = distributed.init_from_env(device)  # torchrun: this rank's device (docs/distributed.md)
-    cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
-    if ranks.distributed and cluster_device.type == "cuda":
-        cluster_device = device
+    cluster_device = _cluster_device(cfg, device, ranks)
     run_dir = common.run_folder(cfg.run, resume)
     # Everything that can be checked is checked before the run folder is written, so that a retry into
     # the same folder starts afresh and a resumed run's config.yaml never takes a bad value.
-    own_checkpoint = resume is not None and common.check_resume(run_dir, "adapt", cfg.model.arch, ranks)
-    source = None if own_checkpoint else _source_state(cfg)  # a run's own checkpoint holds the weights
+    saved = common.check_resume(run_dir, "adapt", cfg.model.arch, ranks) if resume is not None else None
+    source = None if saved is not None else _source_state(cfg)  # a run's own checkpoint holds the weights
     target = _parse_target(cfg)
     common.check_numerics(cfg.model, (cfg.data.height, cfg.data.width), device, amp_dtype, channels_last)
     distributed.batch_rows(cfg.data.batch_size, ranks)  # refuses a batch the ranks cannot share
@@ -92,58 +94,38 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
         common.log_compute(device, amp_dtype, channels_last, ranks.world_size)
         images = TargetImages(paths=[s.path for s in target.train], camids=[s.camid for s in target.train])
         monitor_pids = _monitoring_pids(target.train)
-        model = _build_model(cfg, device, channels_last, source, resumed=own_checkpoint)
-        # An unlabelled target (no query, no gallery) trains all the same, without target scores; one
-        # split without the other was refused by `_require_target`. Only rank 0 evaluates.
-        labelled = bool(target.query or target.gallery)
-        scored = labelled and ranks.is_main
-        test = common.evaluator(target, cfg.data, cfg.run, device, cfg.evaluation) if scored else None
-        if not labelled:
-            log.info("target %s has no query/gallery: no target evaluation", target.name)
-        if cfg.optim.epochs == 0:  # direct transfer: evaluate the starting model only
-            _evaluate_missing(run, test, model, cfg, epoch=0)
-            if ranks.is_main:
-                report.write_report(run.path)
-            return run.path
-        cluster_loader = common.test_loader(images.paths, cfg.data, device)
-        memory = _build_memory(cfg, len(images.paths), model.feat_dim, device)
-        decay = cfg.loss.bank_weight_decay
-        state = _restore(run.checkpoint_path, model, memory, device, decay) if resume is not None else None
-        eps = state.eps if state else None  # None: derived from clustering.* at epoch 0, then fixed
-        optimizer = state.optimizer if state else None
-        bank_start = state.bank_start if state else None  # rows at the bank's last (re)initialisation
+        test = _target_evaluator(cfg, target, device, ranks)
+        model = _build_model(cfg, device, channels_last, source, resumed=saved is not None)
+        state = AdaptState(model, _build_memory(cfg, len(images.paths), model.feat_dim, device))
+        if saved is not None:
+            state.restore(saved, run.checkpoint_path, cfg.loss.bank_weight_decay)
         if resume is not None:
-            run.discard_records_after(state.epoch if state else 0)
-        if state is not None and state.epoch >= cfg.optim.epochs:
+            run.discard_records_after(state.epoch)
+        if saved is not None and state.epoch >= cfg.optim.epochs:
             summary = run.path / report.SUMMARY_FILE
             log.info("the run had finished all %d epochs: its result is in %s", state.epoch, summary)
-        _evaluate_missing(run, test, model, cfg, epoch=state.epoch if state else 0)
-        for epoch in range(state.epoch if state else 0, cfg.optim.epochs):
+        _evaluate_missing(run, test, model, cfg, epoch=state.epoch)
+        # Decodes the target images (data.cache_images): not for a direct transfer or a finished run.
+        pending = state.epoch < cfg.optim.epochs
+        cluster_loader = common.test_loader(images.paths, cfg.data, device) if pending else None
+        for epoch in range(state.epoch, cfg.optim.epochs):
             seconds: dict[str, float] = {}
             with timed(seconds, "extract"):
-                features = _extract(model, cluster_loader, device, amp_dtype, cfg, ranks)  # [N, D]
-            labels = _pseudo_labels(features, eps, cluster_device, epoch, cfg, ranks)  # rank 0's
-            eps = labels.eps
-            if memory is not None and (epoch == 0 or cfg.loss.bank_refresh):
-                memory.init_from(features)  # the reference: once, from the source model's features
-                bank_start = memory.bank().detach().clone() if isinstance(memory, InstantMemoryBank) else None
-            monitoring = (
-                _monitoring_record(labels, features, memory, monitor_pids, cfg.loss.spread_num_neighbors)
-                if ranks.is_main
-                else {}
-            )
-            centroids = clustering.cluster_centroids(features, labels.coarse, labels.num_clusters)
-            model.reset_classifier(labels.num_clusters, centroids.to(device))
-            loader = _train_loader(images, labels.coarse, cfg, cluster_loader, device, epoch, ranks)
+                features = _extract(model, cluster_loader, device, cluster_device, amp_dtype, cfg, ranks)
+            prepare = functools.partial(prepare_epoch, state, features, cfg, cluster_device)
+            prepared = distributed.on_main(prepare, ranks)  # rank 0's, the same on every rank
+            state.take_labels(prepared, features, refresh_bank=epoch == 0 or cfg.loss.bank_refresh)
+            monitoring = _monitoring_record(prepared, features, state.memory, monitor_pids, cfg, ranks)
+            loader = _train_loader(images, prepared.labels.coarse, cfg, cluster_loader, device, epoch, ranks)
             lr, mu = common.epoch_lr(cfg.optim, epoch), cfg.loss.spread_weight_at(epoch)
-            optimizer = _build_optimizer(model, memory, lr, cfg, previous=optimizer)
+            state.optimizer = _build_optimizer(model, state.memory, lr, cfg, previous=state.optimizer)
             with timed(seconds, "train"), common.naming_checkpoint(run.checkpoint_path):
                 stats = steps.train_target_epoch(
                     distributed.wrap(model, ranks, device),  # DDP over the new classifier too
                     loader,
-                    optimizer,
-                    torch.as_tensor(labels.refined_or_coarse(), device=device),
-                    memory=memory,
+                    state.optimizer,
+                    torch.from_numpy(prepared.labels.refined_or_coarse()),
+                    memory=state.memory,
                     loss=cfg.loss,
                     device=device,
                     spread_weight=mu,
@@ -155,70 +137,162 @@ def adapt_to_target(cfg: AdaptConfig, *, resume: str | Path | None = None) -> Pa
                     ranks=ranks,
                 )
             # Rank 0's BN statistics for the extraction; the banks are equal already, but GPU atomics round.
-            distributed.broadcast_modules([model, memory], ranks)
-            drift = (
-                diagnostics.bank_drift(memory.bank(), bank_start) if memory and bank_start is not None else {}
-            )
-            record = _epoch_record(
-                labels, stats, lr, mu, seconds | labels.seconds, {**drift, **monitoring}, cfg
-            )
-            run.log_metrics(epoch + 1, record, kind="adapt")
-            log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs, _epoch_summary(record))
-            rng = seeding.rng_state()
+            distributed.broadcast_modules([model, state.memory], ranks)
+            state.epoch = epoch + 1
+            extra = {**state.bank_drift(), **monitoring}
+            record = _epoch_record(prepared, stats, lr, mu, seconds | prepared.labels.seconds, extra)
+            run.log_metrics(state.epoch, record, kind="adapt")
+            log.info("epoch %d/%d: %s", state.epoch, cfg.optim.epochs, _epoch_summary(record))
             if ranks.is_main:
-                _save(run.checkpoint_path, cfg, model, memory, optimizer, eps, epoch + 1, rng, bank_start)
-            if common.evaluation_due(cfg.run, epoch + 1, cfg.optim.epochs):
-                _evaluate_logged(run, test, model, epoch=epoch + 1)
-            seeding.set_rng_state(rng)  # evaluation must not change what the next epoch draws
+                state.save(run.checkpoint_path, cfg)
+            if test is not None and common.evaluation_due(cfg.run, state.epoch, cfg.optim.epochs):
+                common.logged_evaluation(run, test, model, epoch=state.epoch, kind=EVAL_KIND)
         if ranks.is_main:
             report.write_report(run.path)
         distributed.barrier(ranks)  # the others leave once rank 0 has written everything
         return run.path
 
 
+@dataclass(frozen=True)
+class EpochLabels:
+    """The off-line stage's result for one epoch: what the on-line stage trains on (`prepare_epoch`)."""
+
+    labels: pseudo_labels.PseudoLabels  # coarse [N] (-1 outliers), refined [N] or None, L, eps, seconds
+    centroids: Tensor  # [L, D] L2-normalised coarse-cluster centroids on the CPU: the classifier's rows
+    profile: dict[str, float | int]  # `pseudo_labels.cluster_profile` of the coarse labels
+
+
+def prepare_epoch(state: AdaptState, features: Tensor, cfg: AdaptConfig, device: torch.device) -> EpochLabels:
+    """The off-line stage of the epoch after `state.epoch` (docs/method.md §3-4): k-reciprocal Jaccard
+    distance, DBSCAN at `state.eps` (derived now at epoch 0) -> coarse labels, hierarchical refinement ->
+    refined labels (when a loss term reads them), and the coarse clusters' centroids. Reads `state`,
+    changes nothing.
+
+    Args:
+        state: the run so far (its eps and epoch).
+        features: [N, D] L2-normalised target features in dataset order, on `device`.
+        cfg: the run's config (clustering.*, the refined loss's weight, the sampler's P and K, the seed).
+        device: device of the neighbour search and the k-means.
+
+    Raises:
+        ValueError: no training batch can be formed (fewer than 2 clusters); degenerate clusterings
+            are logged as warnings.
+    """
+    labels = pseudo_labels.compute_pseudo_labels(
+        features,
+        cfg.clustering,
+        eps=state.eps,
+        refine=cfg.loss.refined_weight > 0,
+        seed=cfg.run.seed,
+        device=device,
+    )
+    profile = pseudo_labels.cluster_profile(labels.coarse, num_instances=cfg.data.num_instances)
+    _check_clusters(labels, profile, state.epoch, cfg)
+    centroids = clustering.cluster_centroids(features, labels.coarse, labels.num_clusters).cpu()
+    return EpochLabels(labels, centroids, profile)
+
+
+@dataclass
+class AdaptState:
+    """What one adaptation epoch hands the next; checkpoint.pt holds it, so a resumed run continues
+    exactly (with the RNG states, taken when saving).
+
+    `drift_initial`: rows `diagnostics.drift_rows` of the instant bank at its last (re)initialisation, for
+    the drift diagnostic only.
+    """
+
+    model: ReidNet
+    memory: MemoryBank | None
+    optimizer: torch.optim.Optimizer | None = None  # carried over only with optim.reset_each_epoch=False
+    eps: float | None = None  # DBSCAN's eps: derived at epoch 0, then fixed
+    epoch: int = 0  # epochs completed
+    drift_initial: Tensor | None = None
+
+    def take_labels(self, prepared: EpochLabels, features: Tensor, *, refresh_bank: bool) -> None:
+        """Start an epoch on its labels: eps fixed, the memory (re)initialised from the features when
+        `refresh_bank` (the reference: at epoch 0 only), the classifier's rows set to the centroids."""
+        self.eps = prepared.labels.eps
+        if self.memory is not None and refresh_bank:
+            self.memory.init_from(features)
+            if isinstance(self.memory, InstantMemoryBank):
+                bank = self.memory.bank().detach()
+                self.drift_initial = bank[diagnostics.drift_rows(len(bank)).to(bank.device)].clone()
+        self.model.reset_classifier(prepared.labels.num_clusters, prepared.centroids)
+
+    def bank_drift(self) -> dict[str, float]:
+        """The instant bank's drift since its (re)initialisation (`diagnostics.bank_drift`); {} without."""
+        if self.memory is None or self.drift_initial is None:
+            return {}
+        bank = self.memory.bank()
+        return diagnostics.bank_drift(bank, self.drift_initial, diagnostics.drift_rows(len(bank)))
+
+    def save(self, path: Path, cfg: AdaptConfig) -> None:
+        # A fresh Adam each epoch (the default) needs no state; otherwise its moments must survive.
+        keep_optimizer = self.optimizer is not None and not cfg.optim.reset_each_epoch
+        state = common.checkpoint_state(
+            "adapt",
+            cfg,
+            self.model,
+            epoch=self.epoch,
+            rng=seeding.rng_state(),
+            eps=self.eps,
+            memory=self.memory.state_dict() if self.memory is not None else None,
+            optimizer=self.optimizer.state_dict() if keep_optimizer and self.optimizer is not None else None,
+            drift_initial=self.drift_initial,
+        )
+        checkpoint.save_checkpoint(path, state)
+
+    def restore(self, saved: dict[str, Any], path: Path, bank_weight_decay: float | None) -> None:
+        """Continue from the checkpoint `path` that `common.check_resume` read (`saved`) and checked."""
+        self.model.reset_classifier(int(saved["num_classes"]))
+        self.model.load_state_dict(saved["model"])
+        if (self.memory is None) != (saved["memory"] is None):
+            raise ValueError(
+                f"{path}: memory bank presence differs from the config (loss.spread_weight, loss.memory)"
+            )
+        if self.memory is not None:
+            self.memory.load_state_dict(saved["memory"])
+        if saved["optimizer"] is not None:
+            params = _trainable(self.model, self.memory, bank_weight_decay)
+            self.optimizer = training.build_adam(params, lr=0.0, weight_decay=0.0)
+            self.optimizer.load_state_dict(saved["optimizer"])
+        seeding.set_rng_state(saved["rng"])
+        self.epoch, self.eps = int(saved["epoch"]), float(saved["eps"])
+        self.drift_initial = saved.get("drift_initial")
+        if self.drift_initial is None and saved.get("bank_start") is not None:  # written before drift_initial
+            self.drift_initial = saved["bank_start"][diagnostics.drift_rows(len(saved["bank_start"]))]
+        log.info("resumed after epoch %d (eps %.4f)", self.epoch, self.eps)
+
+
 def _extract(
     model: ReidNet,
     loader: Any,
     device: torch.device,
+    cluster_device: torch.device,
     amp_dtype: torch.dtype | None,
     cfg: AdaptConfig,
     ranks: distributed.Ranks,
 ) -> Tensor:
-    """[N, D] target features in dataset order; under torchrun each rank extracts its shard."""
-    num_images = len(loader.dataset)
-    if ranks.distributed:
-        start, stop = distributed.shard_range(num_images, ranks)
-        shard = common.test_loader(loader.dataset.paths[start:stop], cfg.data, device, cache=False)
-        if loader.dataset.pixels is not None:  # a view of the decoded images, not a copy
-            shard.dataset.pixels = loader.dataset.pixels[start:stop]
-        loader = shard
-    features = extraction.extract_features(
-        model, loader, device, progress=cfg.run.progress, amp_dtype=amp_dtype
-    )
+    """[N, D] target features in dataset order, on `cluster_device`; under torchrun each rank extracts its
+    shard."""
     if not ranks.distributed:
-        return features
-    return distributed.gather_rows_in_order(features.to(device), num_images, ranks).cpu()
-
-
-def _pseudo_labels(
-    features: Tensor,
-    eps: float | None,
-    device: torch.device,
-    epoch: int,
-    cfg: AdaptConfig,
-    ranks: distributed.Ranks,
-) -> pseudo_labels.PseudoLabels:
-    """The off-line stage's labels: computed by rank 0 and broadcast (the same on every rank)."""
-
-    def compute() -> pseudo_labels.PseudoLabels:
-        refine = cfg.loss.refined_weight > 0
-        labels = pseudo_labels.compute_pseudo_labels(
-            features, cfg.clustering, eps=eps, refine=refine, seed=cfg.run.seed, device=device
+        return extraction.extract_features(
+            model, loader, device, progress=cfg.run.progress, amp_dtype=amp_dtype, out_device=cluster_device
         )
-        _check_clusters(labels, epoch, cfg)
-        return labels
-
-    return distributed.on_main(compute, ranks)
+    num_images = len(loader.dataset)
+    start, stop = distributed.shard_range(num_images, ranks)
+    pixels = loader.dataset.pixels
+    shard = common.test_loader(
+        loader.dataset.paths[start:stop],
+        cfg.data,
+        device,
+        cache=False,
+        pixels=None if pixels is None else pixels[start:stop],  # a view of the decoded images
+    )
+    features = extraction.extract_features(
+        model, shard, device, progress=cfg.run.progress, amp_dtype=amp_dtype, out_device=device
+    )
+    return distributed.gather_rows_in_order(features, num_images, ranks).to(cluster_device)
 
 
 def _parse_target(cfg: AdaptConfig) -> ReidSplits:
@@ -251,16 +325,7 @@ def _source_state(cfg: AdaptConfig) -> dict[str, Any] | None:
             "`dualref pretrain` run (or null to start from model.pretrained)"
         )
     source = checkpoint.load_checkpoint(path)
-    if source.get("kind") not in ("pretrain", "adapt"):
-        raise ValueError(
-            f"source_checkpoint {path} is a {source.get('kind')!r} checkpoint; expected one written by "
-            "`dualref pretrain` or `dualref adapt`"
-        )
-    if source.get("arch", cfg.model.arch) != cfg.model.arch:
-        raise ValueError(
-            f"source checkpoint {path} holds arch {source['arch']!r} but "
-            f"model.arch={cfg.model.arch!r}; set model.arch={source['arch']}"
-        )
+    common.check_model_checkpoint(source, path, inference.MODEL_KINDS, cfg.model.arch)
     return source
 
 
@@ -288,17 +353,16 @@ def _build_memory(
 
 
 def _epoch_record(
-    labels: pseudo_labels.PseudoLabels,
+    prepared: EpochLabels,
     stats: steps.EpochStats,
     lr: float,
     mu: float,
     seconds: dict[str, float],
     extra: dict[str, float],
-    cfg: AdaptConfig,
 ) -> dict[str, Any]:
     """One "adapt" line of metrics.jsonl: labels, losses (loss_<term>), gradient shares, timings, extra."""
     return {
-        **pseudo_labels.label_record(labels, num_instances=cfg.data.num_instances),
+        **pseudo_labels.label_record(prepared.labels, prepared.profile),
         "lr": lr,
         "spread_weight": mu,
         **{name if name.startswith("grad_") else f"loss_{name}": v for name, v in stats.means.items()},
@@ -308,33 +372,34 @@ def _epoch_record(
 
 
 def _evaluate_missing(
-    run: runs.AnyRun, test: Any | None, model: ReidNet, cfg: AdaptConfig, *, epoch: int
+    run: runs.AnyRun, test: inference.Evaluator | None, model: ReidNet, cfg: AdaptConfig, *, epoch: int
 ) -> None:
     """Evaluate the checkpoint's epoch if its evaluation was due but the run stopped before logging it.
 
-    The checkpoint is written before the evaluation, so a run killed during an evaluation resumes after
-    that epoch; without this, its record (the result itself, after the last epoch) would be lost. Epoch
-    0 of a direct-transfer run (`optim.epochs = 0`) is evaluated here too. No-op without an evaluation.
+    Epoch 0 of a direct-transfer run (`optim.epochs = 0`) is evaluated here too; a no-op without an
+    evaluation (an unlabelled target, or not rank 0).
     """
-    if test is None:
-        return
     due = epoch == cfg.optim.epochs or (epoch > 0 and common.evaluation_due(cfg.run, epoch, cfg.optim.epochs))
-    if due and not any(record["epoch"] == epoch for record in runs.read_records(run.path, "eval_target")):
-        _evaluate_logged(run, test, model, epoch=epoch)
+    if test is not None and due:
+        common.logged_evaluation(run, test, model, epoch=epoch, kind=EVAL_KIND)
 
 
-def _evaluate_logged(run: runs.AnyRun, test: Any | None, model: ReidNet, *, epoch: int) -> None:
-    if test is None:  # unlabelled target: nothing to score
-        return
-    record = common.evaluate(test, model)
-    run.log_metrics(epoch, record, kind="eval_target")
-    log.info(
-        "epoch %d target: mAP %.1f%% R1 %.1f%% mINP %.1f%%",
-        epoch,
-        100 * record["mAP"],
-        100 * record["rank1"],
-        100 * record["mINP"],
-    )
+def _target_evaluator(
+    cfg: AdaptConfig, target: ReidSplits, device: torch.device, ranks: distributed.Ranks
+) -> inference.Evaluator | None:
+    """Rank 0's query/gallery evaluation of the target; None for an unlabelled target (no query, no
+    gallery: it trains all the same; one split without the other was refused by `_require_target`)."""
+    if not (target.query or target.gallery):
+        log.info("target %s has no query/gallery: no target evaluation", target.name)
+        return None
+    return common.evaluator(target, cfg.data, cfg.run, device, cfg.evaluation) if ranks.is_main else None
+
+
+def _cluster_device(cfg: AdaptConfig, device: torch.device, ranks: distributed.Ranks) -> torch.device:
+    """Where the off-line stage computes: `clustering.device` (default: the run's); under torchrun on
+    CUDA, each rank's own GPU (rank 0 computes, the others wait)."""
+    cluster_device = training.resolve_device(cfg.clustering.device or cfg.run.device, key="clustering.device")
+    return device if ranks.distributed and cluster_device.type == "cuda" else cluster_device
 
 
 def _monitoring_pids(samples: Sequence[Sample]) -> np.ndarray | None:
@@ -344,21 +409,27 @@ def _monitoring_pids(samples: Sequence[Sample]) -> np.ndarray | None:
 
 
 def _monitoring_record(
-    labels: pseudo_labels.PseudoLabels,
+    prepared: EpochLabels,
     features: Tensor,
     memory: MemoryBank | None,
     pids: np.ndarray | None,
-    k: int,
+    cfg: AdaptConfig,
+    ranks: distributed.Ranks,
 ) -> dict[str, float]:
-    """MONITORING ONLY: label quality, and the precision of the spread-out loss's k positives."""
-    record = pseudo_labels.label_quality_record(labels, pids)
+    """MONITORING ONLY: label quality, and the precision of the spread-out loss's k positives (rank 0)."""
+    if not ranks.is_main:
+        return {}
+    record = pseudo_labels.label_quality_record(prepared.labels, pids)
+    k = cfg.loss.spread_num_neighbors
     if pids is not None and memory is not None and 1 <= k < len(pids):
         neighbours = diagnostics.nearest_bank_entries(features, memory.bank().detach(), k)
         record["bank_neighbour_precision"] = diagnostics.neighbour_precision(neighbours, pids)
     return record
 
 
-def _check_clusters(labels: pseudo_labels.PseudoLabels, epoch: int, cfg: AdaptConfig) -> None:
+def _check_clusters(
+    labels: pseudo_labels.PseudoLabels, profile: dict[str, float | int], epoch: int, cfg: AdaptConfig
+) -> None:
     """Stop when no training batch can be formed; warn when the clustering degenerates (label-free)."""
     settings = cfg.clustering
     fixed_eps = settings.dbscan_eps is not None
@@ -370,7 +441,6 @@ def _check_clusters(labels: pseudo_labels.PseudoLabels, epoch: int, cfg: AdaptCo
             f"DBSCAN found no cluster at epoch {epoch} (all {labels.coarse.size} images are outliers at eps "
             f"{labels.eps:.4f}); expected at least one: {key}, or lower clustering.min_samples"
         )
-    profile = pseudo_labels.cluster_profile(labels.coarse, num_instances=cfg.data.num_instances)
     if labels.num_clusters < 2:  # every batch would hold one label: the triplet loss needs two
         raise ValueError(
             f"DBSCAN put the target into a single cluster at epoch {epoch} (it holds "
@@ -420,7 +490,7 @@ def _build_model(
     pretrained = cfg.model.pretrained if cfg.source_checkpoint is None and not resumed else None
     # One class for now: resized to the number of clusters every epoch.
     model = common.build_model(
-        cfg.model, 1, pretrained=pretrained, device=torch.device("cpu"), channels_last=False
+        cfg.model, 1, pretrained=pretrained, device=device, channels_last=channels_last
     )
     if source is not None:
         load_trunk_and_neck(model, source["model"])
@@ -433,7 +503,7 @@ def _build_model(
             )
         else:
             log.info("started from source checkpoint %s", cfg.source_checkpoint)
-    return training.place_model(model, device, channels_last)
+    return model
 
 
 def _train_loader(
@@ -454,14 +524,12 @@ def _train_loader(
         iterations=cfg.optim.iters_per_epoch,
         seed=cfg.run.seed,
         device=device,
-        cache=False,  # shares the extraction loader's pixels instead (below)
+        cache=False,
         ranks=ranks,
+        # The extraction loader decoded every image once (data.cache_images): its pixels are shared
+        # rather than decoded again for each epoch's new loader.
+        pixels=cluster_loader.dataset.pixels,
     )
-    # The extraction loader already decoded every image once (data.cache_images): share its pixels
-    # rather than decoding the whole set again for each epoch's new loader.
-    cached = getattr(cluster_loader.dataset, "pixels", None)
-    if cached is not None and isinstance(loader.dataset, loaders.ImageDataset):
-        loader.dataset.pixels = cached
     loaders.set_epoch(loader, epoch)
     return loader
 
@@ -497,71 +565,3 @@ def _build_optimizer(
             if id(param) in kept:
                 optimizer.state[param] = param_state
     return optimizer
-
-
-class _ResumeState(NamedTuple):
-    epoch: int  # epochs completed
-    eps: float
-    optimizer: torch.optim.Optimizer | None  # only kept when optim.reset_each_epoch is False
-    bank_start: Tensor | None  # the instant bank's rows at its last (re)initialisation (drift diagnostic)
-
-
-def _save(
-    path: Path,
-    cfg: AdaptConfig,
-    model: ReidNet,
-    memory: MemoryBank | None,
-    optimizer: torch.optim.Optimizer | None,
-    eps: float,
-    epoch: int,
-    rng: dict[str, Any],
-    bank_start: Tensor | None,
-) -> None:
-    # A fresh Adam each epoch (the default) needs no state; otherwise its moments must survive.
-    keep_optimizer = optimizer is not None and not cfg.optim.reset_each_epoch
-    state = common.checkpoint_state(
-        "adapt",
-        cfg,
-        model,
-        epoch=epoch,
-        rng=rng,
-        eps=eps,
-        memory=memory.state_dict() if memory is not None else None,
-        optimizer=optimizer.state_dict() if keep_optimizer and optimizer is not None else None,
-        bank_start=bank_start,
-    )
-    checkpoint.save_checkpoint(path, state)
-
-
-def _restore(
-    path: Path,
-    model: ReidNet,
-    memory: MemoryBank | None,
-    device: torch.device,
-    bank_weight_decay: float | None,
-) -> _ResumeState | None:
-    """Load a resumed run's state into `model` and `memory`; None when it stopped before any epoch ended."""
-    if not path.is_file():
-        log.warning("no checkpoint in %s yet: starting the adaptation from epoch 0", path.parent)
-        return None
-    state = checkpoint.load_checkpoint(path)
-    if state.get("kind") != "adapt":
-        raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint; expected an adaptation checkpoint")
-    model.reset_classifier(int(state["num_classes"]))
-    model.load_state_dict(state["model"])
-    model.to(device)
-    if (memory is None) != (state["memory"] is None):
-        raise ValueError(
-            f"{path}: memory bank presence differs from the config (loss.spread_weight, loss.memory)"
-        )
-    if memory is not None:
-        memory.load_state_dict(state["memory"])
-    optimizer = None
-    if state["optimizer"] is not None:
-        params = _trainable(model, memory, bank_weight_decay)
-        optimizer = training.build_adam(params, lr=0.0, weight_decay=0.0)
-        optimizer.load_state_dict(state["optimizer"])
-    seeding.set_rng_state(state["rng"])
-    log.info("resumed after epoch %d (eps %.4f)", state["epoch"], state["eps"])
-    bank_start = state.get("bank_start")
-    return _ResumeState(int(state["epoch"]), float(state["eps"]), optimizer, bank_start)

@@ -77,25 +77,39 @@ def require_splits(splits: ReidSplits, role: str, root_key: str, needed: dict[st
             )
 
 
-def check_resume(run_dir: Path, kind: str, arch: str, ranks: distributed.Ranks = distributed.SINGLE) -> bool:
-    """Whether `run_dir` holds a checkpoint to resume from; refuses one of another command or trunk, or
-    one written with another number of processes (the run would not continue exactly).
+def check_model_checkpoint(state: dict[str, Any], path: Path, kinds: Sequence[str], arch: str) -> None:
+    """Refuse a checkpoint of another command (`kinds`: those accepted) or another trunk than `arch`."""
+    if state.get("kind") not in kinds:
+        expected = " or ".join(f"`dualref {kind}`" for kind in kinds)
+        raise ValueError(
+            f"{path} is a {state.get('kind')!r} checkpoint; expected one written by {expected}"
+        )
+    if state.get("arch", arch) != arch:
+        raise ValueError(
+            f"{path} holds arch {state['arch']!r} but model.arch={arch!r}; set model.arch={state['arch']}"
+        )
 
-    Called before the run folder is opened, so that a wrong `--resume` writes nothing into it.
+
+def check_resume(
+    run_dir: Path, kind: str, arch: str, ranks: distributed.Ranks = distributed.SINGLE
+) -> dict[str, Any] | None:
+    """The checkpoint to resume `run_dir` from (None: the run stopped before its first one), checked:
+    refuses one of another command or trunk, or one written with another number of processes (the run
+    would not continue exactly).
+
+    Called before the run folder is opened, so that a wrong `--resume` writes nothing into it; the
+    pipelines restore from the state returned (read and checked once).
     """
     path = run_dir / runs.CHECKPOINT_FILE
     if not path.is_file():
-        return False
+        return None
     state = checkpoint.load_checkpoint(path)
     if state.get("kind") != kind:
         raise ValueError(
             f"{path} is a {state.get('kind')!r} checkpoint, not a {kind!r} one: {run_dir} is a "
             f"`dualref {state.get('kind')}` run; resume it with that command"
         )
-    if state.get("arch", arch) != arch:
-        raise ValueError(
-            f"{path} holds arch {state['arch']!r} but model.arch={arch!r}; set model.arch={state['arch']}"
-        )
+    check_model_checkpoint(state, path, (kind,), arch)
     written = int(state.get("world_size", 1))
     if written != ranks.world_size:
         how = "without torchrun" if written == 1 else f"with torchrun --nproc_per_node={written} (in all)"
@@ -104,7 +118,7 @@ def check_resume(run_dir: Path, kind: str, arch: str, ranks: distributed.Ranks =
             f"{how}: BatchNorm's shards and the sums' order depend on the number of processes, so "
             "another number would not continue the run exactly"
         )
-    return True
+    return state
 
 
 def open_run(run_dir: Path, cfg: Any, resume: str | Path | None, ranks: distributed.Ranks) -> runs.AnyRun:
@@ -164,9 +178,15 @@ def check_numerics(
 
 
 def test_loader(
-    paths: Sequence[Path], data: DataConfig, device: torch.device, *, cache: bool | None = None
+    paths: Sequence[Path],
+    data: DataConfig,
+    device: torch.device,
+    *,
+    cache: bool | None = None,
+    pixels: torch.Tensor | None = None,
 ) -> Any:
-    """Eval-transform loader over `paths`, in order (extraction); `cache` overrides data.cache_images."""
+    """Eval-transform loader over `paths`, in order (extraction); `cache` overrides data.cache_images,
+    `pixels` shares images already decoded (`loaders.ImageDataset`)."""
     return loaders.test_loader(
         paths,
         height=data.height,
@@ -175,6 +195,7 @@ def test_loader(
         num_workers=data.num_workers,
         cache=data.cache_images if cache is None else cache,
         pin_memory=device.type == "cuda",
+        pixels=pixels,
     )
 
 
@@ -189,15 +210,17 @@ def train_loader(
     device: torch.device,
     cache: bool,
     ranks: distributed.Ranks = distributed.SINGLE,
+    pixels: torch.Tensor | None = None,
 ) -> Any:
     """P x K training batches over `labels` (-1 never sampled), `iterations` per epoch.
 
-    Under torchrun every rank samples the same global batches and loads its own rows of each.
+    Under torchrun every rank samples the same global batches and loads its own rows of each. `pixels`:
+    images already decoded, shared instead of `cache` (`loaders.ImageDataset`).
     """
     return loaders.train_loader(
         paths,
-        list(labels),
-        list(camids),
+        labels,
+        camids,
         height=data.height,
         width=data.width,
         batch_size=data.batch_size,
@@ -209,6 +232,7 @@ def train_loader(
         cache=cache,
         pin_memory=device.type == "cuda",
         rows=distributed.batch_rows(data.batch_size, ranks),
+        pixels=pixels,
     )
 
 
@@ -271,6 +295,32 @@ def evaluate(evaluator: inference.Evaluator, model: nn.Module) -> dict[str, Any]
     rng = seeding.rng_state()
     record = evaluator.record(model)
     seeding.set_rng_state(rng)
+    return record
+
+
+def logged_evaluation(
+    run: runs.AnyRun, evaluator: inference.Evaluator, model: nn.Module, *, epoch: int, kind: str
+) -> dict[str, Any]:
+    """The `kind` evaluation of `epoch`: the record already in metrics.jsonl, else a new one, logged.
+
+    Checkpoints are written before their evaluation, so a run killed during an evaluation resumes after
+    that epoch with the evaluation missing; reading the record first makes the resumed run evaluate it
+    exactly once. Both pipelines evaluate only through here.
+    """
+    for record in runs.read_records(run.path, kind):
+        if record["epoch"] == epoch:
+            return {k: v for k, v in record.items() if k not in ("epoch", "kind", "time")}
+    record = evaluate(evaluator, model)
+    run.log_metrics(epoch, record, kind=kind)
+    log.info(
+        "%s on %s after epoch %d: mAP %.1f%% R1 %.1f%% mINP %.1f%%",
+        kind,
+        record["dataset"],
+        epoch,
+        100 * record["mAP"],
+        100 * record["rank1"],
+        100 * record["mINP"],
+    )
     return record
 
 

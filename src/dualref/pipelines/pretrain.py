@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualref import checkpoint, distributed, io, runs, seeding, steps, training
+import torch
+
+from dualref import checkpoint, distributed, io, seeding, steps, training
 from dualref.config import PretrainConfig
 from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits, relabel_pids
+from dualref.models.reid_net import ReidNet
 from dualref.pipelines import common
 
 RESULTS_FILE = "results.json"
@@ -48,8 +52,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
     # the same folder starts afresh and a resumed run's config.yaml never takes a bad value.
     device, amp_dtype, channels_last = common.start_process(cfg.run)
     ranks, device = distributed.init_from_env(device)  # torchrun: this rank's device (docs/distributed.md)
-    if resume is not None:
-        common.check_resume(run_dir, "pretrain", cfg.model.arch, ranks)
+    saved = common.check_resume(run_dir, "pretrain", cfg.model.arch, ranks) if resume is not None else None
     source, target = _parse_data(cfg)
     common.check_numerics(cfg.model, (data.height, data.width), device, amp_dtype, channels_last)
     distributed.batch_rows(data.batch_size, ranks)  # refuses a batch the ranks cannot share
@@ -93,24 +96,24 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                 device=device,
                 ranks=ranks,
             )
-        start_epoch, best_map = 0, -1.0
-        if run.resumed and run.checkpoint_path.is_file():
-            start_epoch, best_map = _restore(run.checkpoint_path, model, optimizer)
+        state = SourceState(model, optimizer)
+        if saved is not None:
+            state.restore(saved)
+            log.info("resumed from %s after epoch %d", run.checkpoint_path, state.epoch)
         if run.resumed:
-            run.discard_records_after(start_epoch)
-        if start_epoch >= cfg.optim.epochs > 0:
+            run.discard_records_after(state.epoch)
+        if state.epoch >= cfg.optim.epochs > 0:
             finished = run.path / RESULTS_FILE
-            log.info("the run had finished all %d epochs: its result is in %s", start_epoch, finished)
+            log.info("the run had finished all %d epochs: its result is in %s", state.epoch, finished)
         source_test = common.evaluator(source, data, cfg.run, device) if ranks.is_main else None
-        source_record: dict[str, Any] | None = None
         train_model = distributed.wrap(model, ranks, device)  # DDP when under torchrun
-        for epoch in range(start_epoch, cfg.optim.epochs):
+        for epoch in range(state.epoch, cfg.optim.epochs):
             lr = common.epoch_lr(cfg.optim, epoch)
             if cfg.optim.reset_each_epoch and epoch > 0:  # a fresh Adam, as the adaptation loop
-                optimizer = training.build_adam(
+                state.optimizer = training.build_adam(
                     model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay
                 )
-            training.set_lr(optimizer, lr)
+            training.set_lr(state.optimizer, lr)
             loaders.set_epoch(source_loader, epoch)
             target_iter = None
             if target_loader is not None:
@@ -120,7 +123,7 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                 stats = steps.train_source_epoch(
                     train_model,
                     source_loader,
-                    optimizer,
+                    state.optimizer,
                     device=device,
                     label_smoothing=cfg.loss.label_smoothing,
                     triplet_margin=cfg.loss.triplet_margin,
@@ -131,13 +134,13 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                     epoch=epoch,
                     ranks=ranks,
                 )
-            done = epoch + 1
+            state.epoch = epoch + 1
             if not ranks.is_main:  # rank 0 logs, evaluates and saves
                 continue
-            run.log_metrics(done, {"lr": lr, **stats.as_metrics()}, kind="train")
+            run.log_metrics(state.epoch, {"lr": lr, **stats.as_metrics()}, kind="train")
             log.info(
                 "epoch %d/%d lr %.2e | ce %.3f | triplet %.3f | acc %.3f | %.1f img/s | %.0f s",
-                done,
+                state.epoch,
                 cfg.optim.epochs,
                 lr,
                 stats.means["ce"],
@@ -147,39 +150,72 @@ def pretrain_on_source(cfg: PretrainConfig, *, resume: str | Path | None = None)
                 stats.seconds,
             )
             is_best = False
-            if common.evaluation_due(cfg.run, done, cfg.optim.epochs):
-                source_record = _evaluate_logged(run, source_test, model, done, "eval_source")
-                is_best = source_record["mAP"] > best_map
-                best_map = max(best_map, source_record["mAP"])
-            state = _state(cfg, model, optimizer, done, best_map, source.name)
+            if common.evaluation_due(cfg.run, state.epoch, cfg.optim.epochs):
+                assert source_test is not None
+                record = common.logged_evaluation(
+                    run, source_test, model, epoch=state.epoch, kind="eval_source"
+                )
+                is_best = record["mAP"] > state.best_map
+                state.best_map = max(state.best_map, record["mAP"])
             if is_best:  # first: a kill before checkpoint.pt reruns this epoch, which writes it again
-                selected = f"best source test mAP ({source.name}), epoch {done}"
-                checkpoint.save_checkpoint(run.path / BEST_FILE, {**state, "selected_by": selected})
-            checkpoint.save_checkpoint(run.checkpoint_path, state)
+                selected = f"best source test mAP ({source.name}), epoch {state.epoch}"
+                state.save(run.path / BEST_FILE, cfg, source.name, selected_by=selected)
+            state.save(run.checkpoint_path, cfg, source.name)
 
-        done = max(start_epoch, cfg.optim.epochs)
         if not ranks.is_main:
             return run.path
+        assert source_test is not None
         if not run.checkpoint_path.is_file():  # 0 epochs: keep the initial model for `evaluate`
-            checkpoint.save_checkpoint(
-                run.checkpoint_path, _state(cfg, model, optimizer, 0, best_map, source.name)
-            )
-        if source_record is None:  # 0 epochs, or a run resumed after its last epoch
-            source_record = _logged_or_evaluated(run, source_test, model, done, "eval_source")
+            state.save(run.checkpoint_path, cfg, source.name)
+        # The last epoch's evaluations: logged by the loop, or by a process killed after its checkpoint.
+        done = state.epoch
         results: dict[str, Any] = {
             "kind": "pretrain",
             "reported": "last epoch (model_best.pt = best source mAP, for reference only)",
             "epochs": done,
-            "source": source_record,
+            "source": common.logged_evaluation(run, source_test, model, epoch=done, kind="eval_source"),
         }
         if cfg.evaluate_target and target is not None:
             target_test = common.evaluator(target, data, cfg.run, device)
-            transfer = _logged_or_evaluated(run, target_test, model, done, "direct_transfer")
-            results["direct_transfer"] = transfer
+            results["direct_transfer"] = common.logged_evaluation(
+                run, target_test, model, epoch=done, kind="direct_transfer"
+            )
         results["wall_seconds"] = round(time.perf_counter() - started, 1)
         io.write_json(run.path / RESULTS_FILE, results)
         log.info("results written to %s", run.path / RESULTS_FILE)
         return run.path
+
+
+@dataclass
+class SourceState:
+    """What one pre-training epoch hands the next; checkpoint.pt holds it, so a resumed run continues
+    exactly (with the RNG states, taken when saving)."""
+
+    model: ReidNet
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0  # epochs completed
+    best_map: float = -1.0  # the best source test mAP so far (model_best.pt)
+
+    def save(self, path: Path, cfg: PretrainConfig, source_name: str, **extra: Any) -> None:
+        state = common.checkpoint_state(
+            "pretrain",
+            cfg,
+            self.model,
+            epoch=self.epoch,
+            rng=seeding.rng_state(),
+            optimizer=self.optimizer.state_dict(),
+            best_source_mAP=self.best_map,
+            source_dataset=source_name,
+            **extra,
+        )
+        checkpoint.save_checkpoint(path, state)
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from a checkpoint that `common.check_resume` read and checked."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        seeding.set_rng_state(saved["rng"])
+        self.epoch, self.best_map = int(saved["epoch"]), float(saved["best_source_mAP"])
 
 
 def _parse_data(cfg: PretrainConfig) -> tuple[ReidSplits, ReidSplits | None]:
@@ -211,56 +247,6 @@ def _require_data(cfg: PretrainConfig, source: ReidSplits, target: ReidSplits | 
         transfer = "the direct-transfer evaluation (evaluate_target; false turns it off)"
         target_needs |= {"query": transfer, "gallery": transfer}
     common.require_splits(target, "target", "data.target_root", target_needs)
-
-
-def _logged_or_evaluated(run: runs.AnyRun, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:
-    """The `kind` record of `epoch` that a killed process already logged, else a new evaluation."""
-    for record in runs.read_records(run.path, kind):
-        if record["epoch"] == epoch:
-            return {k: v for k, v in record.items() if k not in ("epoch", "kind", "time")}
-    return _evaluate_logged(run, test, model, epoch, kind)
-
-
-def _evaluate_logged(run: runs.AnyRun, test: Any, model: Any, epoch: int, kind: str) -> dict[str, Any]:
-    record = common.evaluate(test, model)
-    run.log_metrics(epoch, record, kind=kind)
-    log.info(
-        "%s on %s after epoch %d: mAP %.1f%% R1 %.1f%% mINP %.1f%%",
-        kind,
-        record["dataset"],
-        epoch,
-        100 * record["mAP"],
-        100 * record["rank1"],
-        100 * record["mINP"],
-    )
-    return record
-
-
-def _state(
-    cfg: PretrainConfig, model: Any, optimizer: Any, epoch: int, best_map: float, name: str
-) -> dict[str, Any]:
-    return common.checkpoint_state(
-        "pretrain",
-        cfg,
-        model,
-        epoch=epoch,
-        rng=seeding.rng_state(),
-        optimizer=optimizer.state_dict(),
-        best_source_mAP=best_map,
-        source_dataset=name,
-    )
-
-
-def _restore(path: Path, model: Any, optimizer: Any) -> tuple[int, float]:
-    """Load model, optimizer and RNG states; returns (epochs completed, best source mAP so far)."""
-    state = checkpoint.load_checkpoint(path)
-    if state.get("kind") != "pretrain":
-        raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint; expected a pretraining checkpoint")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    seeding.set_rng_state(state["rng"])
-    log.info("resumed from %s after epoch %d", path, int(state["epoch"]))
-    return int(state["epoch"]), float(state["best_source_mAP"])
 
 
 def _check_pretrain_loss(cfg: PretrainConfig) -> None:
