@@ -18,6 +18,7 @@ Usage::
     .venv/bin/python benchmarks/source_curve.py duke --lengths 8000,1600,3200
     .venv/bin/python benchmarks/source_curve.py market --lengths 8000,1600,3200
     .venv/bin/python benchmarks/source_curve.py --report
+    .venv/bin/python benchmarks/source_curve.py duke --release 8000  # models/duke_mobilenet_v2_8000.pt, card
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ DIRECTIONS = {
     "market": ("configs/cpu/pretrain_market.yaml", "dukemtmc", DATA / "DukeMTMC-reID", 2),
 }
 DUALREF = str(REPO / ".venv" / "bin" / "dualref")
+MODELS = REPO / "models"
+ARCH = "mobilenet_v2"
 
 
 def schedule(length: int) -> list[str]:
@@ -60,6 +63,15 @@ def schedule(length: int) -> list[str]:
 
 def run_dir(source: str, length: int) -> Path:
     return RUNS / f"{source}_{length}"
+
+
+def pretrain_command(source: str, length: int) -> list[str]:
+    """The `dualref pretrain` command of a fresh run of `length` iterations."""
+    folder = run_dir(source, length).relative_to(REPO)
+    command = ["dualref", "pretrain", DIRECTIONS[source][0]]
+    for item in [*schedule(length), f"run.run_dir={folder}", "run.progress=false"]:
+        command += ["--set", item]
+    return command
 
 
 def pretrain(source: str, length: int) -> None:
@@ -203,17 +215,38 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def release(source: str, length: int) -> None:
+    """`dualref release` of a finished length into models/, scored on both data sets (source, target)."""
+    folder = run_dir(source, length)
+    if not (folder / "results.json").is_file():
+        raise SystemExit(f"{folder} has not finished; release a finished length")
+    own = {"duke": ("dukemtmc", DATA / "DukeMTMC-reID"), "market": ("market1501", DATA / "Market-1501")}
+    _, target, target_root, _ = DIRECTIONS[source]
+    evaluations = [f"{own[source][0]}={own[source][1]}", f"{target}={target_root}"]
+    out = MODELS / f"{source}_{ARCH}_{length}.pt"
+    command = [DUALREF, "release", str(folder / "checkpoint.pt"), "--out", str(out)]
+    for item in evaluations:
+        command += ["--evaluate", item]
+    trained = " ".join(pretrain_command(source, length))
+    command += ["--command", f"{trained}  (= benchmarks/source_curve.py {source} --lengths {length})"]
+    subprocess.run([*command, "--workers", "1"], check=True, cwd=REPO)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", choices=sorted(DIRECTIONS))
     parser.add_argument("--lengths", default="8000,1600,3200", help="iterations, in the order to run them")
     parser.add_argument("--report", action="store_true", help="only tabulate what has finished")
+    parser.add_argument("--release", type=int, metavar="LENGTH", help="release a finished length")
     args = parser.parse_args()
     if args.report:
         report()
         return 0
     if args.source is None:
         parser.error("give a source (duke or market), or --report")
+    if args.release:
+        release(args.source, args.release)
+        return 0
     for length in (int(v) for v in args.lengths.split(",")):
         pretrain(args.source, length)
         profile(args.source, length)
