@@ -51,6 +51,7 @@ def study_file(tmp_path: Path) -> Path:
         {
             "out": str(tmp_path / "out"),
             "plot": ["a", "b"],
+            "compare": [["a", "b"], ["b", "a"]],
             "rows": [
                 {"name": "a", "config": str(config), "seeds": [1, 2, 3]},
                 {"name": "b", "config": str(config), "seeds": [1], "set": ["loss.spread_weight=0"]},
@@ -72,6 +73,8 @@ def test_runs_are_seed_major(study_file: Path) -> None:
         ({"colour": 1}, "unknown keys"),
         ({"parallel": 0}, "parallel=0"),
         ({"plot": ["c"]}, "not rows"),
+        ({"compare": [["a", "c"]]}, r"compare=\[\['a', 'c'\]\]; expected a list of \[row, row\] pairs"),
+        ({"compare": [["a"]]}, "expected a list of"),
         ({"rows": [{"name": "a", "config": "missing.yaml"}]}, "missing.yaml does not exist"),
         ({"rows": [{"name": "a", "config": "CONFIG", "seeds": []}]}, r"rows\[0\].seeds"),
         ({"rows": [{"name": "a", "config": "CONFIG", "set": ["novalue"]}]}, r"rows\[0\].set"),
@@ -109,7 +112,7 @@ def test_report_gives_mean_and_std_of_the_last_epoch(study_file: Path) -> None:
         _fake_run(parsed.out / "a" / f"seed_{seed}", epochs=2, maps=[0.5, last])  # epoch 1 is best-on-test
     _fake_run(parsed.out / "b" / "seed_1", epochs=2, maps=[0.1])  # unfinished: left out
     assert study.run_study(study_file, report_only=True) == 0
-    rows = json.loads((parsed.out / study.JSON_FILE).read_text())
+    rows = json.loads((parsed.out / study.JSON_FILE).read_text())["rows"]
     a = next(r for r in rows if r["name"] == "a")
     assert a["seeds"] == 3
     assert a["mAP"] == pytest.approx([statistics.fmean(finals.values()), statistics.stdev(finals.values())])
@@ -118,7 +121,22 @@ def test_report_gives_mean_and_std_of_the_last_epoch(study_file: Path) -> None:
     assert next(r for r in rows if r["name"] == "b")["seeds"] == 0
     text = (parsed.out / study.SUMMARY_FILE).read_text()
     assert "| a | 3/3 | 35.0 ± 5.6 |" in text
+    # b has no finished seed: no difference yet.
+    assert json.loads((parsed.out / study.JSON_FILE).read_text())["comparisons"] == []
+    _fake_run(parsed.out / "b" / "seed_1", epochs=2, maps=[0.1, 0.2])
+    assert study.run_study(study_file, report_only=True) == 0
+    a_minus_b, b_minus_a = json.loads((parsed.out / study.JSON_FILE).read_text())["comparisons"]
+    assert a_minus_b == {"rows": ["a", "b"], "seeds": [3, 1], "mAP": pytest.approx(0.15), "se": None}
+    assert b_minus_a["mAP"] == pytest.approx(-0.15)
+    assert "| a - b | 3 vs 1 | +15.0 |  |" in (parsed.out / study.SUMMARY_FILE).read_text()
     assert (parsed.out / study.PLOT_FILE).stat().st_size > 1000
+
+
+def test_difference_and_its_standard_error_by_hand() -> None:
+    # Means 0.3 and 0.2; sample variances (0.01 + 0 + 0.01) / 2 = 0.01 and (0.0025 + 0.0025) / 1 = 0.005.
+    diff, se = study.difference([0.2, 0.3, 0.4], [0.15, 0.25])
+    assert diff == pytest.approx(0.1) and se == pytest.approx((0.01 / 3 + 0.005 / 2) ** 0.5)
+    assert study.difference([0.5], [0.2, 0.3]) == (pytest.approx(0.25), None)
 
 
 def test_a_tiny_study_runs_then_skips_what_finished(tmp_path: Path) -> None:

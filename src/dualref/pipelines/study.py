@@ -6,14 +6,16 @@ process with ``run.seed=S`` and ``run.threads=1`` so that `parallel` runs share 
 (its last epoch evaluated and summary.md written) is skipped, an interrupted one is resumed exactly, so a
 study can be stopped at any moment and continued later, losing at most the current epoch of each run.
 At the end (and with ``--report``) it writes ``OUT/study.md`` (mean ± std over seeds of the last epoch;
-the best-on-test epoch only labelled as such), ``OUT/study.json`` and ``OUT/fig3b.png`` (target mAP per
-epoch, mean with a ± std band, for the rows named in `plot`).
+the best-on-test epoch only labelled as such; for each pair in `compare`, the difference of the two rows'
+mean mAP with its standard error), ``OUT/study.json`` and ``OUT/fig3b.png`` (target mAP per epoch, mean with
+a ± std band, for the rows named in `plot`).
 
 Example (docs/study.md)::
 
     out: runs/study/duke_to_market
     parallel: 2
     plot: [baseline, full]
+    compare: [[full, baseline]]
     rows:
       - name: baseline
         config: configs/cpu/study/duke_to_market/baseline.yaml
@@ -27,6 +29,7 @@ Example (docs/study.md)::
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,7 @@ JSON_FILE = "study.json"
 PLOT_FILE = "fig3b.png"
 OUTPUT_FILES = (SUMMARY_FILE, JSON_FILE, PLOT_FILE)
 ROW_KEYS = ("name", "config", "seeds", "set")
-STUDY_KEYS = ("out", "parallel", "plot", "rows", "title")
+STUDY_KEYS = ("out", "parallel", "plot", "compare", "rows", "title")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Study:
     parallel: int = 2
     plot: tuple[str, ...] = ()
     title: str = "Adaptation study"
+    compare: tuple[tuple[str, str], ...] = ()  # (a, b): report mean mAP of a - mean mAP of b, with its s.e.
 
     def runs(self) -> list[tuple[Row, int, Path]]:
         """Every (row, seed, run folder): the first seed of every row, then the second, ...
@@ -127,8 +131,17 @@ def load_study(path: str | Path) -> Study:
     parallel = raw.get("parallel", 2)
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"{path}: parallel={parallel!r}; expected a positive integer")
+    compare = raw.get("compare", [])
+    pairs = compare if isinstance(compare, list) else [compare]
+    if not all(isinstance(p, list) and len(p) == 2 and set(map(str, p)) <= set(names) for p in pairs):
+        raise ValueError(f"{path}: compare={compare!r}; expected a list of [row, row] pairs of {names}")
     return Study(
-        Path(str(raw["out"])), tuple(rows), parallel, plot, str(raw.get("title", "Adaptation study"))
+        Path(str(raw["out"])),
+        tuple(rows),
+        parallel,
+        plot,
+        str(raw.get("title", "Adaptation study")),
+        tuple((str(a), str(b)) for a, b in pairs),
     )
 
 
@@ -255,6 +268,32 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None]:
+    """mean(a) - mean(b) and its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample variances; None
+    unless both have two values or more: one seed has no spread to estimate)."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, None
+    return diff, math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+
+
+def _last_maps(study: Study, name: str) -> list[float]:
+    row = next(r for r in study.rows if r.name == name)
+    results = [report.final_result(epochs) for epochs in _row_runs(study, row)]
+    return [float(f["mAP"]) for f in results if f is not None and f.get("mAP") is not None]
+
+
+def comparisons(study: Study) -> list[dict[str, Any]]:
+    """Per `compare` pair with finished seeds on both sides: the last-epoch mAP difference and its s.e."""
+    out = []
+    for a, b in study.compare:
+        maps_a, maps_b = _last_maps(study, a), _last_maps(study, b)
+        if maps_a and maps_b:
+            diff, se = difference(maps_a, maps_b)
+            out.append({"rows": [a, b], "seeds": [len(maps_a), len(maps_b)], "mAP": diff, "se": se})
+    return out
+
+
 def summarise(study: Study) -> list[dict[str, Any]]:
     """Per row: seeds finished, mean and std of the last epoch's scores and of the last F-scores."""
     rows = []
@@ -299,13 +338,27 @@ def write_study_report(study: Study) -> None:
         lines.append(
             f"| {row['name']} | {row['seeds']}/{row['of']} | " + " | ".join(cells) + f" | {overrides} |"
         )
+    differences = comparisons(study)
+    if differences:
+        lines += [
+            "",
+            "Differences of the last epoch's mean mAP (percent), with the standard error of the difference",
+            "(sqrt(s_a^2 / n_a + s_b^2 / n_b); none with a single seed):",
+            "",
+            "| difference | seeds | mAP | s.e. |",
+            "|---|---|---|---|",
+        ]
+        for item in differences:
+            se = "" if item["se"] is None else f"{100 * item['se']:.1f}"
+            (a, b), (n_a, n_b) = item["rows"], item["seeds"]
+            lines.append(f"| {a} - {b} | {n_a} vs {n_b} | {100 * item['mAP']:+.1f} | {se} |")
     study.out.mkdir(parents=True, exist_ok=True)
     if study.plot:
         curves = {row.name: _row_runs(study, row) for row in study.rows if row.name in study.plot}
         plot_bands(curves, path=study.out / PLOT_FILE, title=f"{study.title}: target mAP per epoch")
         lines += ["", f"![target mAP per epoch]({PLOT_FILE})"]
     io.write_text(study.out / SUMMARY_FILE, "\n".join(lines) + "\n")
-    io.write_json(study.out / JSON_FILE, rows)
+    io.write_json(study.out / JSON_FILE, {"rows": rows, "comparisons": differences})
 
 
 def _cell(value: tuple[float, float] | None, *, scale: float = 100.0, digits: int = 1) -> str:
