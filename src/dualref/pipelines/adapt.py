@@ -325,7 +325,10 @@ def _source_state(cfg: AdaptConfig) -> dict[str, Any] | None:
             "`dualref pretrain` run (or null to start from model.pretrained)"
         )
     source = checkpoint.load_checkpoint(path)
-    common.check_model_checkpoint(source, path, inference.MODEL_KINDS, cfg.model.arch)
+    try:
+        common.check_model_checkpoint(source, path, inference.MODEL_KINDS, cfg.model.arch)
+    except ValueError as err:
+        raise ValueError(f"source_checkpoint: {err}") from None
     return source
 
 
