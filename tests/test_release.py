@@ -126,6 +126,20 @@ def test_a_damaged_release_or_bad_arguments_are_refused(model_path: Path, tmp_pa
         release.run_release(optimizer_only, tmp_path / "x.pt", device=torch.device("cpu"))
 
 
+def test_a_failed_evaluation_keeps_the_earlier_release_and_its_card(
+    model_path: Path, target_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tiny.pt"
+    release.run_release(model_path, out, device=torch.device("cpu"), progress=False)
+    before = (out.read_bytes(), out.with_suffix(".json").read_text())
+    missing = release.Evaluation("market1501", str(tmp_path / "no_such_folder"))
+    cpu = torch.device("cpu")
+    with pytest.raises(FileNotFoundError):
+        release.run_release(model_path, out, evaluations=[missing], device=cpu, progress=False)
+    assert (out.read_bytes(), out.with_suffix(".json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.pt"]  # no pending file left
+
+
 # --- the models kept in the repository ---------------------------------------------------------------
 
 

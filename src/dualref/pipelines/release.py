@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +112,35 @@ def _scores(record: dict[str, Any]) -> dict[str, float]:
     return {key: record[key] for key in ("mAP", "rank1", "rank5", "rank10", "mINP")}
 
 
+def _evaluate_both(
+    released: Path,
+    original: str | Path,
+    state: dict[str, Any],
+    evaluations: Sequence[Evaluation],
+    run_options: dict[str, Any],
+) -> tuple[dict[str, Any], str | None]:
+    """Per data set: the released file's scores beside the original's; and the numerics used."""
+    scores: dict[str, Any] = {}
+    numerics = None
+    for item in evaluations:
+        results = {}
+        for name, path in (("released", released), ("full_precision", original)):
+            _, record = evaluate.run_evaluate(
+                path, item.dataset, item.root, options=evaluate.EvaluateOptions(), **run_options
+            )
+            results[name] = record
+        numerics = results["released"]["options"]["numerics"]
+        scores[item.dataset] = {
+            "role": "source" if item.dataset == state.get("source_dataset") else "direct transfer",
+            "root": item.root,
+            "num_query": results["released"]["num_query"],
+            "num_gallery": results["released"]["num_gallery"],
+            **_scores(results["released"]),
+            "full_precision": _scores(results["full_precision"]),
+        }
+    return scores, numerics
+
+
 def run_release(
     checkpoint_path: str | Path,
     out: str | Path,
@@ -138,6 +168,14 @@ def run_release(
     """
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"weights={weights!r}: expected one of {sorted(WEIGHT_DTYPES)}")
+    run_options = {
+        "device": device,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "progress": progress,
+        "amp_dtype": amp_dtype,
+        "channels_last": channels_last,
+    }
     out = Path(out)
     if out.suffix != ".pt":
         raise ValueError(f"release file {out}: expected a .pt name (its card is written beside it as .json)")
@@ -146,36 +184,16 @@ def run_release(
         state = released_state(source, WEIGHT_DTYPES[weights])
     except ValueError as err:
         raise ValueError(f"{checkpoint_path}: {err}") from None
-    checkpoint.save_checkpoint(out, state)
-
-    scores: dict[str, Any] = {}
-    numerics = None
-    for item in evaluations:
-        results = {}
-        for name, path in (("released", out), ("full_precision", checkpoint_path)):
-            _, record = evaluate.run_evaluate(
-                path,
-                item.dataset,
-                item.root,
-                options=evaluate.EvaluateOptions(),
-                device=device,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                progress=progress,
-                amp_dtype=amp_dtype,
-                channels_last=channels_last,
-            )
-            results[name] = record
-        numerics = results["released"]["options"]["numerics"]
-        role = "source" if item.dataset == state.get("source_dataset") else "direct transfer"
-        scores[item.dataset] = {
-            "role": role,
-            "root": item.root,
-            "num_query": results["released"]["num_query"],
-            "num_gallery": results["released"]["num_gallery"],
-            **_scores(results["released"]),
-            "full_precision": _scores(results["full_precision"]),
-        }
+    # Scored under a temporary name, renamed once every evaluation has passed: an earlier release at `out`
+    # stays whole, with its card, until the new file and its card replace both.
+    pending = out.with_name(f".{out.stem}.pending.pt")
+    checkpoint.save_checkpoint(pending, state)
+    try:
+        scores, numerics = _evaluate_both(pending, checkpoint_path, state, evaluations, run_options)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    os.replace(pending, out)
 
     config = state.get("config", {})
     optim = config.get("optim", {})
@@ -210,7 +228,7 @@ def run_release(
 
 
 def check_release(card_path: str | Path) -> Path:
-    """The released file of a card, after checking its size and SHA-256 against the card."""
+    """The released file of a card, after checking its SHA-256 against the card."""
     card_path = Path(card_path)
     card = read_card(card_path)
     path = card_path.parent / card["file"]
