@@ -4,7 +4,10 @@ Table-driven: for each key of `loss.*`, `clustering.*`, `model.*` and `optim.*` 
 real adaptation on the tiny synthetic target (tests/tiny_adapt.py: 1 epoch of 2 iterations unless the row
 says 2 epochs) is run with the key changed, and its losses and final weights (network and memory) are
 compared with the same run without the change. CPU runs repeat bit for bit, so "changes" means the weights
-differ and "no change" means identical losses and weights. A key that only acts in some settings is tried
+differ and "no change" means identical losses and weights; where a key's formula says which way or how far
+it moves what the run logs (the learning rate, mu, eps, the cluster profile, which loss terms are zero),
+`EXPECTED` checks that too, and every `loss.*` run's logged total must be the objective of its logged
+terms under that run's weights. A key that only acts in some settings is tried
 in them (`base`), and a key that only acts after the first epoch gets two. A test also checks that the
 table names every field of the four sections, so a new key has to be added here.
 """
