@@ -37,6 +37,19 @@ def test_bank_drift_cosine_and_norm() -> None:
     assert record["bank_row_norm"] == pytest.approx((2.0 + 2**0.5) / 2)
 
 
+def test_drift_follows_every_row_of_a_small_bank_and_every_kth_of_a_large_one() -> None:
+    assert diagnostics.drift_rows(5).tolist() == [0, 1, 2, 3, 4]
+    assert diagnostics.drift_rows(diagnostics.DRIFT_ROWS).tolist() == list(range(diagnostics.DRIFT_ROWS))
+    market = diagnostics.drift_rows(12936)  # ceil(12936 / 2048) = 7: rows 0, 7, ..., 12929
+    assert market.tolist() == list(range(0, 12936, 7)) and len(market) == 1848
+    # Only the followed rows enter the cosine; the norm is over every row.
+    initial = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bank = torch.tensor([[2.0, 0.0], [5.0, 5.0], [0.0, 3.0]])
+    record = diagnostics.bank_drift(bank, initial, torch.tensor([0, 2]))
+    assert record["bank_cosine_to_initial"] == pytest.approx(1.0)
+    assert record["bank_row_norm"] == pytest.approx((2.0 + 50**0.5 + 3.0) / 3)
+
+
 def test_nearest_bank_entries_equal_a_brute_force_search_and_exclude_self() -> None:
     torch.manual_seed(0)
     features = F.normalize(torch.randn(37, 8), dim=1)

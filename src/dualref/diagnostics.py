@@ -64,9 +64,9 @@ def gradient_norms(
 
 
 def drift_rows(num_rows: int) -> Tensor:
-    """[M] the bank rows the drift diagnostic follows: all of them up to `DRIFT_ROWS`, else M <= DRIFT_ROWS
-    evenly spaced ones (the mean cosine of 2,048 rows has a standard error near 0.001, and a run keeps
-    their initial values instead of a second copy of the bank: 1/6 of Market's 12,936 rows)."""
+    """[M] the bank rows the drift diagnostic follows: all of them up to `DRIFT_ROWS`, else every k-th row
+    with k = ceil(N / DRIFT_ROWS), so M <= DRIFT_ROWS (Market's 12,936 rows: every 7th, 1,848). A run keeps
+    the initial values of these rows only, instead of a second copy of the bank."""
     return torch.arange(0, num_rows, -(-num_rows // DRIFT_ROWS))
 
 
