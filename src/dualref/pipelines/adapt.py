@@ -1,9 +1,10 @@
 """Dual-Refinement adaptation to the unlabelled target domain (`dualref adapt`).
 
 The alternating loop of the paper's Algorithm 1 as the reference code runs it (docs/method.md §3-5).
-Every epoch, off-line (`pseudo_labels`): extract the target features, k-reciprocal Jaccard distance, DBSCAN
-(eps fixed at epoch 0) -> coarse labels, hierarchical refinement -> refined labels; classifier rows <-
-cluster centroids. On-line (`steps.train_target_epoch`): P x K batches over the coarse labels, the joint
+Every epoch, off-line (`prepare_epoch`, a pure function of the run state and the features): extract the
+target features, k-reciprocal Jaccard distance, DBSCAN (eps fixed at epoch 0) -> coarse labels,
+hierarchical refinement -> refined labels, cluster centroids; then `AdaptState.take_labels` (classifier
+rows <- centroids, the bank initialised at epoch 0). On-line (`steps.train_target_epoch`): P x K batches over the coarse labels, the joint
 objective, a fresh Adam over the network and the instant memory bank. Every ablation of the paper's Tables
 II and III is a config (configs/*/): baseline (alpha = mu = 0), only LR (mu = 0), only IM-SP (alpha = 0).
 
@@ -16,7 +17,8 @@ cluster profile, loss terms, gradient shares, bank drift, seconds per stage, lab
 "eval_target" record per evaluation, checkpoint.pt (exact resume), and at the end plots + summary.md
 (`dualref.report`). Records use `epoch` = number of adaptation epochs completed (0 = direct transfer).
 
-Size: over 400 lines: the loop (one screen) and its set-up, checks, checkpoint and monitoring helpers.
+Size: over 500 lines: the loop (one screen), the run state (`AdaptState`: what one epoch hands the next,
+saved and restored by itself), `prepare_epoch`, and the set-up, checks and monitoring helpers.
 """
 
 from __future__ import annotations
