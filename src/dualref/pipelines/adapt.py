@@ -4,9 +4,10 @@ The alternating loop of the paper's Algorithm 1 as the reference code runs it (d
 Every epoch, off-line (`prepare_epoch`, a pure function of the run state and the features): extract the
 target features, k-reciprocal Jaccard distance, DBSCAN (eps fixed at epoch 0) -> coarse labels,
 hierarchical refinement -> refined labels, cluster centroids; then `AdaptState.take_labels` (classifier
-rows <- centroids, the bank initialised at epoch 0). On-line (`steps.train_target_epoch`): P x K batches over the coarse labels, the joint
-objective, a fresh Adam over the network and the instant memory bank. Every ablation of the paper's Tables
-II and III is a config (configs/*/): baseline (alpha = mu = 0), only LR (mu = 0), only IM-SP (alpha = 0).
+rows <- centroids, the bank initialised at epoch 0). On-line (`steps.train_target_epoch`): P x K batches
+over the coarse labels, the joint objective, a fresh Adam over the network and the instant memory bank.
+Every ablation of the paper's Tables II and III is a config (configs/*/): baseline (alpha = mu = 0), only
+LR (mu = 0), only IM-SP (alpha = 0).
 
 Target ground truth: training sees the target training images through `TargetImages` (paths and cameras
 only). The target `pid`s are read in exactly two places, both for measurement: `_monitoring_pids` (label
