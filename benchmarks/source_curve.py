@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -222,9 +223,11 @@ def release(source: str, length: int) -> None:
         raise SystemExit(f"{folder} has not finished; release a finished length")
     own = {"duke": ("dukemtmc", DATA / "DukeMTMC-reID"), "market": ("market1501", DATA / "Market-1501")}
     _, target, target_root, _ = DIRECTIONS[source]
-    evaluations = [f"{own[source][0]}={own[source][1]}", f"{target}={target_root}"]
-    out = MODELS / f"{source}_{ARCH}_{length}.pt"
-    command = [DUALREF, "release", str(folder / "checkpoint.pt"), "--out", str(out)]
+    # Paths relative to the repository (the command's working directory): the card records them.
+    sets = (own[source], (target, target_root))
+    evaluations = [f"{name}={os.path.relpath(root, REPO)}" for name, root in sets]
+    out = (MODELS / f"{source}_{ARCH}_{length}.pt").relative_to(REPO)
+    command = [DUALREF, "release", str((folder / "checkpoint.pt").relative_to(REPO)), "--out", str(out)]
     for item in evaluations:
         command += ["--evaluate", item]
     trained = " ".join(pretrain_command(source, length))
