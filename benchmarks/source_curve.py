@@ -66,27 +66,26 @@ def run_dir(source: str, length: int) -> Path:
     return RUNS / f"{source}_{length}"
 
 
-def pretrain_command(source: str, length: int) -> list[str]:
-    """The `dualref pretrain` command of a fresh run of `length` iterations."""
-    folder = run_dir(source, length).relative_to(REPO)
-    command = ["dualref", "pretrain", DIRECTIONS[source][0]]
+def _overrides(length: int, folder: Path) -> list[str]:
+    """The `--set` arguments of a run of `length` iterations into `folder`."""
+    command = []
     for item in [*schedule(length), f"run.run_dir={folder}", "run.progress=false"]:
         command += ["--set", item]
     return command
+
+
+def pretrain_command(source: str, length: int) -> list[str]:
+    """The `dualref pretrain` command of a fresh run of `length` iterations (for the release card)."""
+    folder = run_dir(source, length).relative_to(REPO)
+    return ["dualref", "pretrain", DIRECTIONS[source][0], *_overrides(length, folder)]
 
 
 def pretrain(source: str, length: int) -> None:
     folder = run_dir(source, length)
     if (folder / "results.json").is_file():
         return
-    config = DIRECTIONS[source][0]
-    sets = [*schedule(length), f"run.run_dir={folder}", "run.progress=false"]
-    if (folder / "config.yaml").is_file():
-        command = [DUALREF, "pretrain", "--resume", str(folder)]
-    else:
-        command = [DUALREF, "pretrain", config]
-    for item in sets:
-        command += ["--set", item]
+    start = ["--resume", str(folder)] if (folder / "config.yaml").is_file() else [DIRECTIONS[source][0]]
+    command = [DUALREF, "pretrain", *start, *_overrides(length, folder)]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
 

@@ -232,18 +232,17 @@ class AdaptState:
     def save(self, path: Path, cfg: AdaptConfig) -> None:
         # A fresh Adam each epoch (the default) needs no state; otherwise its moments must survive.
         keep_optimizer = self.optimizer is not None and not cfg.optim.reset_each_epoch
-        state = common.checkpoint_state(
+        common.save_run_checkpoint(
+            path,
             "adapt",
             cfg,
             self.model,
             epoch=self.epoch,
-            rng=seeding.rng_state(),
             eps=self.eps,
             memory=self.memory.state_dict() if self.memory is not None else None,
             optimizer=self.optimizer.state_dict() if keep_optimizer and self.optimizer is not None else None,
             drift_initial=self.drift_initial,
         )
-        checkpoint.save_checkpoint(path, state)
 
     def restore(self, saved: dict[str, Any], path: Path, bank_weight_decay: float | None) -> None:
         """Continue from the checkpoint `path` that `common.check_resume` read (`saved`) and checked."""

@@ -345,20 +345,20 @@ def epoch_lr(optim: OptimConfig, epoch: int) -> float:
     )
 
 
-def checkpoint_state(
-    kind: str, cfg: Any, model: ReidNet, *, epoch: int, rng: dict[str, Any], **extra: Any
-) -> dict[str, Any]:
-    """A checkpoint's dict: what exact resume needs, and what inference needs to rebuild the model."""
-    return {
+def save_run_checkpoint(path: Path, kind: str, cfg: Any, model: ReidNet, *, epoch: int, **extra: Any) -> None:
+    """Write a run's checkpoint (atomic): what exact resume needs (with the RNG states as they are now)
+    and what inference needs to rebuild the model; `extra` adds the pipeline's own state."""
+    state = {
         "kind": kind,
         "model": model.state_dict(),
         "epoch": epoch,
-        "rng": rng,
+        "rng": seeding.rng_state(),
         "config": config_to_dict(cfg),
         "world_size": distributed.env_ranks().world_size,
         **inference.model_metadata(model, height=cfg.data.height, width=cfg.data.width),
         **extra,
     }
+    checkpoint.save_checkpoint(path, state)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dualref import checkpoint, distributed, io, seeding, steps, training
+from dualref import distributed, io, seeding, steps, training
 from dualref.config import PretrainConfig
 from dualref.data import datasets, loaders
 from dualref.data.records import ReidSplits, relabel_pids
@@ -197,18 +197,17 @@ class SourceState:
     best_map: float = -1.0  # the best source test mAP so far (model_best.pt)
 
     def save(self, path: Path, cfg: PretrainConfig, source_name: str, **extra: Any) -> None:
-        state = common.checkpoint_state(
+        common.save_run_checkpoint(
+            path,
             "pretrain",
             cfg,
             self.model,
             epoch=self.epoch,
-            rng=seeding.rng_state(),
             optimizer=self.optimizer.state_dict(),
             best_source_mAP=self.best_map,
             source_dataset=source_name,
             **extra,
         )
-        checkpoint.save_checkpoint(path, state)
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continue from a checkpoint that `common.check_resume` read and checked."""
