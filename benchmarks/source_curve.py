@@ -49,9 +49,9 @@ DIRECTIONS = {
 DUALREF = str(REPO / ".venv" / "bin" / "dualref")
 MODELS = REPO / "models"
 ARCH = "mobilenet_v2"
-# extract / cluster / release take no thread count; one thread each, as the runs (two side by side
-# with the default of two threads each oversubscribe the 2 cores and run several times slower)
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# One torch thread for extract / cluster / release, as for the runs: two commands side by side with torch's
+# default thread count oversubscribe the 2 cores and run several times slower.
+ONE_THREAD = ["--threads", "1"]
 
 
 def schedule(length: int) -> list[str]:
@@ -106,17 +106,15 @@ def profile(source: str, length: int) -> None:
     if not (features / "features.npy").is_file():
         subprocess.run(
             [DUALREF, "extract", str(folder / "checkpoint.pt"), "--dataset", target, "--root", str(root),
-             "--split", "train", "--out", str(out), "--workers", "1"],
+             "--split", "train", "--out", str(out), "--workers", "1", *ONE_THREAD],
             check=True,
             cwd=REPO,
-            env=ONE_THREAD,
         )
     result = subprocess.run(
         [DUALREF, "cluster", str(features / "features.npy"), "--pids", str(features / "pids.npy"),
-         "--num-subclusters", str(subclusters)],
+         "--num-subclusters", str(subclusters), *ONE_THREAD],
         check=True,
         cwd=REPO,
-        env=ONE_THREAD,
         capture_output=True,
         text=True,
     )
@@ -238,7 +236,7 @@ def release(source: str, length: int) -> None:
         command += ["--evaluate", item]
     trained = " ".join(pretrain_command(source, length))
     command += ["--command", f"{trained}  (= benchmarks/source_curve.py {source} --lengths {length})"]
-    subprocess.run([*command, "--workers", "1"], check=True, cwd=REPO, env=ONE_THREAD)
+    subprocess.run([*command, "--workers", "1", *ONE_THREAD], check=True, cwd=REPO)
 
 
 def main() -> int:

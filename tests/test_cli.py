@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from dualref import cli
 
@@ -36,3 +37,27 @@ def test_evaluate_rejects_bad_reranking_before_loading_anything(
     assert cli.main([*argv, flag, value]) == 2
     err = capsys.readouterr().err
     assert f"dualref: error: {flag}={value}" in err and "evaluation." not in err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "extract", "release", "cluster"])
+def test_threads_flag_sets_torch_threads_and_rejects_negative(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    # Recorded, not applied: the test process keeps its own thread count.
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    missing = str(tmp_path / "none.pt")
+    data = ["--dataset", "market1501", "--root", str(tmp_path)]
+    argv = {
+        "evaluate": ["evaluate", missing, *data],
+        "extract": ["extract", missing, *data, "--out", str(tmp_path)],
+        "release": ["release", missing, "--out", str(tmp_path / "m.pt")],
+        "cluster": ["cluster", str(tmp_path / "none.npy")],
+    }[command]
+    assert cli.main([*argv, "--threads", "1"]) == 2  # the missing input is still refused
+    assert calls == [1]
+    assert cli.main([*argv, "--threads", "-1"]) == 2
+    assert calls == [1]
+    assert "--threads -1: expected 0" in capsys.readouterr().err
+    assert cli.main(argv) == 2  # 0, the default: torch's own count, left alone
+    assert calls == [1]

@@ -66,6 +66,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         "num_subclusters": args.num_subclusters,
     }
     settings = ClusteringConfig(**{key: value for key, value in given.items() if value is not None})
+    _set_threads(args)
     return cluster.run_cluster(
         Path(args.features),
         settings=settings,
@@ -315,6 +316,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.run_demo(args.out, seed=args.seed, quick=args.quick, device=args.device, amp=args.amp)
 
 
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default, one per core); 1 when two commands share the cores",
+    )
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Apply `--threads` (run.threads of the training commands)."""
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: expected 0 (torch's default) or a positive count")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _add_inference_options(parser: argparse.ArgumentParser, *, flip: bool = True) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
@@ -330,12 +350,14 @@ def _add_inference_options(parser: argparse.ArgumentParser, *, flip: bool = True
         choices=("auto", "true", "false"),
         help="memory format of the network (auto: channels-last on the CPU, where it is faster)",
     )
+    _add_threads_option(parser)
 
 
 def _compute(args: argparse.Namespace) -> dict[str, Any]:
-    """device, amp_dtype and channels_last of the inference commands' flags, checked."""
+    """device, amp_dtype and channels_last of the inference commands' flags, checked; sets --threads."""
     from dualref import training
 
+    _set_threads(args)
     device = training.resolve_device(args.device, key="--device")
     setting = {"true": True, "false": False}.get(args.channels_last, args.channels_last)
     return {
@@ -393,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--num-subclusters", type=int, help="paper: R (clustering.num_subclusters)")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--device", default="cpu")
+    _add_threads_option(cluster)
     cluster.set_defaults(func=_cmd_cluster)
 
     for name, helptext, func in (
