@@ -38,8 +38,11 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _evaluate(path: Path, target_root: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    out = path.parent / f"{path.stem}_results.json"
+def _evaluate(
+    path: Path, target_root: Path, out: Path, capsys: pytest.CaptureFixture[str]
+) -> dict[str, Any]:
+    """`dualref evaluate PATH` on the synthetic target; its results file goes to `out` (never beside a
+    released model in the repository)."""
     argv = ["evaluate", str(path), "--dataset", "market1501", "--root", str(target_root), "--workers", "0"]
     assert cli.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
     capsys.readouterr()
@@ -78,7 +81,7 @@ def test_release_keeps_rounded_weights_and_a_card_that_matches_the_file(
     scores = card["evaluation"]["market1501"]
     assert scores["role"] == "direct transfer"
     for name, path in (("released", out), ("full_precision", model_path)):
-        expected = _evaluate(path, target_root, capsys)
+        expected = _evaluate(path, target_root, tmp_path / f"{name}_results.json", capsys)
         got = scores if name == "released" else scores["full_precision"]
         keys = ("mAP", "rank1", "mINP")
         assert {k: got[k] for k in keys} == {k: expected[k] for k in keys}
@@ -159,7 +162,7 @@ def test_released_model_matches_its_card_and_evaluates(
     assert card["iterations"] == state["epoch"] * state["config"]["optim"]["iters_per_epoch"]
     # `dualref evaluate` loads it (on a small synthetic data set at the model's input size).
     target = write_target(tmp_path / "target")
-    results = _evaluate(path, target, capsys)
+    results = _evaluate(path, target, tmp_path / "results.json", capsys)
     assert results["options"]["height"] == size[0] and 0.0 < results["mAP"] <= 1.0
 
 
