@@ -208,8 +208,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         scores.plot(its, [100 * r["transfer_mAP"] for r in mine], "o-", color=colour, label=f"-> {target}")
         quality.plot(its, [r["coarse_F"] for r in mine], "o--", color=colour, label=f"{target} coarse")
         quality.plot(its, [r["refined_F"] for r in mine], "o-", color=colour, label=f"{target} refined")
+    lengths = sorted({r["iterations"] for r in rows})
     for axis, label in ((scores, "mAP (%)"), (quality, "pairwise F of the target's pseudo-labels")):
         axis.set_xscale("log")
+        axis.set_xticks(lengths, [f"{n:,}" for n in lengths])  # the lengths run, not powers of ten
+        axis.minorticks_off()
         axis.set_xlabel("source training iterations (reference: 16,000)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
