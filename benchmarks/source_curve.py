@@ -41,10 +41,12 @@ DATA = REPO.parent / "shared" / "data"
 RUNS = REPO / "runs" / "source_curve"
 RESULTS = REPO / "benchmarks" / "results"
 ITERS_PER_EPOCH = 100
+# source -> (data set name, folder): each direction's source is the other's target
+DATASETS = {"duke": ("dukemtmc", DATA / "DukeMTMC-reID"), "market": ("market1501", DATA / "Market-1501")}
 # source -> (config, target data set, target folder, R of the refinement on that target)
 DIRECTIONS = {
-    "duke": ("configs/cpu/pretrain_duke.yaml", "market1501", DATA / "Market-1501", 5),
-    "market": ("configs/cpu/pretrain_market.yaml", "dukemtmc", DATA / "DukeMTMC-reID", 2),
+    "duke": ("configs/cpu/pretrain_duke.yaml", *DATASETS["market"], 5),
+    "market": ("configs/cpu/pretrain_market.yaml", *DATASETS["duke"], 2),
 }
 DUALREF = str(REPO / ".venv" / "bin" / "dualref")
 MODELS = REPO / "models"
@@ -102,8 +104,8 @@ def profile(source: str, length: int) -> None:
     if (out / "cluster.txt").is_file():
         return
     _, target, root, subclusters = DIRECTIONS[source]
-    features = out  # `extract --split train` writes its arrays straight into --out
-    if not (features / "features.npy").is_file():
+    # `extract --split train` writes its arrays straight into --out; `cluster` its labels beside them.
+    if not (out / "features.npy").is_file():
         subprocess.run(
             [DUALREF, "extract", str(folder / "checkpoint.pt"), "--dataset", target, "--root", str(root),
              "--split", "train", "--out", str(out), "--workers", "1", *ONE_THREAD],
@@ -111,7 +113,7 @@ def profile(source: str, length: int) -> None:
             cwd=REPO,
         )
     result = subprocess.run(
-        [DUALREF, "cluster", str(features / "features.npy"), "--pids", str(features / "pids.npy"),
+        [DUALREF, "cluster", str(out / "features.npy"), "--pids", str(out / "pids.npy"),
          "--num-subclusters", str(subclusters), *ONE_THREAD],
         check=True,
         cwd=REPO,
@@ -136,9 +138,8 @@ def profile_row(source: str, length: int) -> dict[str, Any] | None:
         if match:
             values = [float(v) for v in match.group(2).split()]
             quality["coarse" if match.group(1).startswith("coarse") else "refined"] = values
-    train = folder / "target_profile"
-    coarse = np.load(train / "coarse_labels.npy")
-    refined = np.load(train / "refined_labels.npy")
+    coarse = np.load(folder / "target_profile" / "coarse_labels.npy")
+    refined = np.load(folder / "target_profile" / "refined_labels.npy")
     clustered = coarse >= 0
     sizes = np.bincount(coarse[clustered])
     moved = _moved_share(coarse[clustered], refined[clustered])
@@ -228,10 +229,9 @@ def release(source: str, length: int) -> None:
     folder = run_dir(source, length)
     if not (folder / "results.json").is_file():
         raise SystemExit(f"{folder} has not finished; release a finished length")
-    own = {"duke": ("dukemtmc", DATA / "DukeMTMC-reID"), "market": ("market1501", DATA / "Market-1501")}
     _, target, target_root, _ = DIRECTIONS[source]
     # Paths relative to the repository (the command's working directory): the card records them.
-    sets = (own[source], (target, target_root))
+    sets = (DATASETS[source], (target, target_root))
     evaluations = [f"{name}={os.path.relpath(root, REPO)}" for name, root in sets]
     out = (MODELS / f"{source}_{ARCH}_{length}.pt").relative_to(REPO)
     command = [DUALREF, "release", str((folder / "checkpoint.pt").relative_to(REPO)), "--out", str(out)]

@@ -58,6 +58,6 @@ def test_threads_flag_sets_torch_threads_and_rejects_negative(
     assert calls == [1]
     assert cli.main([*argv, "--threads", "-1"]) == 2
     assert calls == [1]
-    assert "--threads -1: expected 0" in capsys.readouterr().err
+    assert "--threads=-1: expected 0" in capsys.readouterr().err
     assert cli.main(argv) == 2  # 0, the default: torch's own count, left alone
     assert calls == [1]

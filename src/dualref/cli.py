@@ -66,7 +66,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         "num_subclusters": args.num_subclusters,
     }
     settings = ClusteringConfig(**{key: value for key, value in given.items() if value is not None})
-    _set_threads(args)
+    training.set_threads(args.threads, key="--threads")
     return cluster.run_cluster(
         Path(args.features),
         settings=settings,
@@ -325,16 +325,6 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _set_threads(args: argparse.Namespace) -> None:
-    """Apply `--threads` (run.threads of the training commands)."""
-    if args.threads < 0:
-        raise ValueError(f"--threads {args.threads}: expected 0 (torch's default) or a positive count")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
 def _add_inference_options(parser: argparse.ArgumentParser, *, flip: bool = True) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
@@ -354,10 +344,10 @@ def _add_inference_options(parser: argparse.ArgumentParser, *, flip: bool = True
 
 
 def _compute(args: argparse.Namespace) -> dict[str, Any]:
-    """device, amp_dtype and channels_last of the inference commands' flags, checked; sets --threads."""
+    """device, amp_dtype and channels_last of the inference commands' flags, checked; applies --threads."""
     from dualref import training
 
-    _set_threads(args)
+    training.set_threads(args.threads, key="--threads")
     device = training.resolve_device(args.device, key="--device")
     setting = {"true": True, "false": False}.get(args.channels_last, args.channels_last)
     return {

@@ -85,6 +85,14 @@ def lr_at_epoch(
     raise ValueError(f"schedule={schedule!r} is not valid; expected one of {list(SCHEDULES)}")
 
 
+def set_threads(count: int, *, key: str = "run.threads") -> None:
+    """Set torch's intra-op thread count from config `key`; 0 keeps torch's default (one per core)."""
+    if count < 0:
+        raise ValueError(f"{key}={count}: expected 0 (torch's default) or a positive thread count")
+    if count:
+        torch.set_num_threads(count)
+
+
 def resolve_device(spec: str, *, key: str = "run.device") -> torch.device:
     """The torch device named by config `key`, or a ValueError saying why it cannot be used here.
 

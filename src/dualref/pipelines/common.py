@@ -31,8 +31,7 @@ def start_process(run: RunConfig) -> tuple[torch.device, torch.dtype | None, boo
     way; the pipelines log it once the run folder is open (`log_compute`).
     """
     seeding.seed_everything(run.seed)
-    if run.threads:
-        torch.set_num_threads(run.threads)
+    training.set_threads(run.threads)
     # Subnormal floats (activations and gradients a few epochs into training) run many times slower on
     # x86 CPUs: measured 2.5x on a MobileNetV2 pre-training step at epoch 20 (benchmarks/results/
     # throughput.md). Flushing them to zero changes values below 1.2e-38 only.
