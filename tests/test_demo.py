@@ -13,9 +13,11 @@ from dualref.pipelines import demo
 
 def _row(method: str, maps: list[float], epochs: dict[str, list[list[float | None]]]) -> demo.ResultRow:
     mean = sum(maps) / len(maps)
-    std = (sum((m - mean) ** 2 for m in maps) / (len(maps) - 1)) ** 0.5 if len(maps) > 1 else 0.0
+    spread = len(maps) > 1  # one seed: no std (None), as report.mean_std gives it
+    std = (sum((m - mean) ** 2 for m in maps) / (len(maps) - 1)) ** 0.5 if spread else None
     seeds = tuple(range(1, len(maps) + 1))
-    return demo.ResultRow(method, seeds, (mean, std), (0.5, 0.0), (0.25, 0.0), epochs)
+    flat = 0.0 if spread else None
+    return demo.ResultRow(method, seeds, (mean, std), (0.5, flat), (0.25, flat), epochs)
 
 
 def test_format_table_golden() -> None:

@@ -128,7 +128,12 @@ def test_report_gives_mean_and_std_of_the_last_epoch(study_file: Path) -> None:
     a_minus_b, b_minus_a = json.loads((parsed.out / study.JSON_FILE).read_text())["comparisons"]
     assert a_minus_b == {"rows": ["a", "b"], "seeds": [3, 1], "mAP": pytest.approx(0.15), "se": None}
     assert b_minus_a["mAP"] == pytest.approx(-0.15)
-    assert "| a - b | 3 vs 1 | +15.0 |  |" in (parsed.out / study.SUMMARY_FILE).read_text()
+    text = (parsed.out / study.SUMMARY_FILE).read_text()
+    assert "| a - b | 3 vs 1 | +15.0 |  |" in text
+    # One seed has no spread: the mean alone, not a measured-looking "± 0.0".
+    assert "| b | 1/1 | 20.0 | " in text
+    b = next(r for r in json.loads((parsed.out / study.JSON_FILE).read_text())["rows"] if r["name"] == "b")
+    assert b["mAP"] == [pytest.approx(0.2), None]
     assert (parsed.out / study.PLOT_FILE).stat().st_size > 1000
 
 

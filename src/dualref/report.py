@@ -9,6 +9,7 @@ Plots are drawn with matplotlib's object API on the Agg canvas: no pyplot global
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,12 @@ def read_epochs(run_dir: str | Path) -> list[dict[str, Any]]:
         values = {k: v for k, v in record.items() if k not in ("kind", "time")}
         merged.setdefault(int(record["epoch"]), {}).update(values)
     return [merged[epoch] for epoch in sorted(merged)]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation over seeds; the spread is None for a single value (one seed
+    has none to estimate, and 0 would claim that it has been measured)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def final_result(epochs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:

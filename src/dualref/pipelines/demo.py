@@ -287,30 +287,26 @@ def _write_study(
 
 @dataclass(frozen=True)
 class ResultRow:
-    """One line of the comparison table: scores over seeds as (mean, std), in [0, 1]."""
+    """One line of the comparison table: scores over seeds as (mean, std), in [0, 1] (std None: one seed)."""
 
     method: str
     seeds: tuple[int, ...]
-    mAP: tuple[float, float]  # noqa: N815 - the metric's usual spelling
-    rank1: tuple[float, float]
-    mINP: tuple[float, float]  # noqa: N815
+    mAP: tuple[float, float | None]  # noqa: N815 - the metric's usual spelling
+    rank1: tuple[float, float | None]
+    mINP: tuple[float, float | None]  # noqa: N815
     # Per seed, per epoch (1..E): the pseudo-labels' pairwise F-scores (monitoring only), the share of
     # clustered images whose refined label differs from the coarse one, and the bank's mean cosine to
     # its initial rows; empty for direct transfer.
     epochs: dict[str, list[list[float | None]]]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _direct_transfer_row(transfer: dict[str, Any], seed: int) -> ResultRow:
     return ResultRow(
         method="direct transfer",
         seeds=(seed,),
-        mAP=(transfer["mAP"], 0.0),
-        rank1=(transfer["rank1"], 0.0),
-        mINP=(transfer["mINP"], 0.0),
+        mAP=(transfer["mAP"], None),
+        rank1=(transfer["rank1"], None),
+        mINP=(transfer["mINP"], None),
         epochs={},
     )
 
@@ -327,9 +323,9 @@ def _method_row(out: Path, method: str, seeds: Sequence[int]) -> ResultRow:
     return ResultRow(
         method=METHODS[method],
         seeds=tuple(seeds),
-        mAP=_mean_std([f["mAP"] for f in finals]),
-        rank1=_mean_std([f["rank1"] for f in finals]),
-        mINP=_mean_std([f["mINP"] for f in finals]),
+        mAP=report.mean_std([f["mAP"] for f in finals]),
+        rank1=report.mean_std([f["rank1"] for f in finals]),
+        mINP=report.mean_std([f["mINP"] for f in finals]),
         epochs={key: [[r.get(key) for r in epochs] for epochs in trained] for key in EPOCH_KEYS},
     )
 
@@ -337,8 +333,9 @@ def _method_row(out: Path, method: str, seeds: Sequence[int]) -> ResultRow:
 def format_table(rows: Sequence[ResultRow]) -> str:
     """The comparison table as markdown: mean ± std over seeds in %, F-scores of the first epoch."""
 
-    def score(value: tuple[float, float], seeds: int) -> str:
-        return f"{100 * value[0]:.1f}" + (f" ± {100 * value[1]:.1f}" if seeds > 1 else "")
+    def score(value: tuple[float, float | None]) -> str:
+        mean, std = value
+        return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
 
     def first_epoch(row: ResultRow, key: str) -> str:
         refined = any(seed and seed[0] is not None for seed in row.epochs.get("refined_fscore", []))
@@ -352,8 +349,7 @@ def format_table(rows: Sequence[ResultRow]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        n = len(row.seeds)
-        cells = [row.method, str(n), score(row.mAP, n), score(row.rank1, n), score(row.mINP, n)]
+        cells = [row.method, str(len(row.seeds)), score(row.mAP), score(row.rank1), score(row.mINP)]
         cells += [first_epoch(row, key) for key in ("coarse_fscore", "refined_fscore", "refined_changed")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -368,7 +364,7 @@ def report_record(rows: Sequence[ResultRow], plan: DemoPlan) -> dict[str, Any]:
                 "method": row.method,
                 "seeds": list(row.seeds),
                 **{
-                    f"{name}_{stat}": round(value, 6)
+                    f"{name}_{stat}": None if value is None else round(value, 6)
                     for name, pair in (("mAP", row.mAP), ("rank1", row.rank1), ("mINP", row.mINP))
                     for stat, value in zip(("mean", "std"), pair, strict=True)
                 },

@@ -264,10 +264,6 @@ def _row_runs(study: Study, row: Row) -> list[list[dict[str, Any]]]:
     return [report.read_epochs(folder) for folder in folders if run_status(folder) == "done"]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None]:
     """mean(a) - mean(b) and its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b) (sample variances; None
     unless both have two values or more: one seed has no spread to estimate)."""
@@ -309,11 +305,11 @@ def summarise(study: Study) -> list[dict[str, Any]]:
         for key in ("mAP", "rank1", "rank5", "rank10", "mINP", "coarse_fscore", "refined_fscore"):
             values = [float(f[key]) for f in finals if f.get(key) is not None]
             if values:
-                entry[key] = _mean_std(values)
+                entry[key] = report.mean_std(values)
         best = [report.best_on_test(epochs) for epochs in _row_runs(study, row)]
         best_maps = [float(b["mAP"]) for b in best if b is not None]
         if best_maps:
-            entry["best_on_test_mAP"] = _mean_std(best_maps)
+            entry["best_on_test_mAP"] = report.mean_std(best_maps)
         rows.append(entry)
     return rows
 
@@ -324,8 +320,9 @@ def write_study_report(study: Study) -> None:
     lines = [
         f"# {study.title}",
         "",
-        "Last epoch, mean ± std over the finished seeds (percent). `best-on-test` is the epoch with the",
-        "highest test mAP, picked on the test set: optimistic, shown for reference only.",
+        "Last epoch, mean ± std over the finished seeds (percent; the mean alone for one seed).",
+        "`best-on-test` is the epoch with the highest test mAP, picked on the test set: optimistic, shown",
+        "for reference only.",
         "",
         "| row | seeds | mAP | R1 | R5 | mINP | F coarse | F refined | best-on-test mAP | overrides |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -361,11 +358,11 @@ def write_study_report(study: Study) -> None:
     io.write_json(study.out / JSON_FILE, {"rows": rows, "comparisons": differences})
 
 
-def _cell(value: tuple[float, float] | None, *, scale: float = 100.0, digits: int = 1) -> str:
+def _cell(value: tuple[float, float | None] | None, *, scale: float = 100.0, digits: int = 1) -> str:
     if value is None:
         return ""
     mean, std = value
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+    return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
 
 
 def plot_bands(
@@ -406,12 +403,13 @@ def plot_bands(
         xs = sorted(by_epoch)
         if not xs:
             continue
-        stats = [_mean_std(by_epoch[x]) for x in xs]
+        stats = [report.mean_std(by_epoch[x]) for x in xs]
         means = [m for m, _ in stats]
         count = f"{len(seeds)} seed" + ("s" if len(seeds) > 1 else "")
         axes.plot(xs, means, marker="o", markersize=3, label=f"{name} ({count})")
-        low, high = [m - s for m, s in stats], [m + s for m, s in stats]
-        axes.fill_between(xs, low, high, alpha=0.2)
+        if all(s is not None for _, s in stats):  # no band where an epoch has a single seed
+            low, high = [m - (s or 0.0) for m, s in stats], [m + (s or 0.0) for m, s in stats]
+            axes.fill_between(xs, low, high, alpha=0.2)
     if reference is not None:
         axes.axhline(reference[1], color="grey", linestyle="--", linewidth=1, label=reference[0])
     axes.set_xlabel("epoch")
