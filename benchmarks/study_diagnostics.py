@@ -22,6 +22,8 @@ HEADER = (
     "| F refined | grad CE (c+r) | grad triplet (c+r) | grad memory | bank cos to init | bank row norm "
     "| bank k-NN precision | train s | extract s | mAP % |"
 )
+# The header and its separator row.
+TABLE_HEAD = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -66,8 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
     args = parser.parse_args()
-    print(HEADER)
-    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    print("\n".join(TABLE_HEAD))
     for item in args.runs:
         label, _, folder = item.partition("=")
         print("\n".join(rows(label, Path(folder))))

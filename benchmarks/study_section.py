@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 
 from dualref import io
-from dualref.pipelines.study import JSON_FILE, PLOT_FILE, SUMMARY_FILE
-from study_diagnostics import HEADER, rows
+from dualref.pipelines.study import JSON_FILE, PLOT_FILE, SUMMARY_FILE, run_status
+from study_diagnostics import TABLE_HEAD, rows
 
 
 def tables(markdown: str) -> list[list[str]]:
@@ -43,14 +43,13 @@ def tables(markdown: str) -> list[list[str]]:
 
 
 def diagnostics(out: Path, skip: set[str]) -> list[str]:
-    """The per-epoch diagnostics table of every finished seed (a run folder with summary.md), in the
-    study's row order."""
-    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    """The per-epoch diagnostics table of every finished seed, in the study's row order."""
+    lines = list(TABLE_HEAD)
     names = [row["name"] for row in json.loads((out / JSON_FILE).read_text())["rows"]]
     for name in (n for n in names if n not in skip):
         seeds = sorted(int(p.name.removeprefix("seed_")) for p in (out / name).glob("seed_*") if p.is_dir())
         for seed in seeds:
-            if (out / name / f"seed_{seed}" / "summary.md").exists():
+            if run_status(out / name / f"seed_{seed}") == "done":
                 lines += rows(f"{name} (seed {seed})", out / name / f"seed_{seed}")
     return lines
 

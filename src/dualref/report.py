@@ -85,6 +85,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def format_mean_std(value: tuple[float, float | None], *, scale: float = 100.0, digits: int = 1) -> str:
+    """A `mean_std` pair as a table cell, "mean ± std" (the mean alone without a spread)."""
+    mean, std = value
+    return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
+
+
 def final_result(epochs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The last evaluated epoch's record (the reported result), or None when nothing was evaluated."""
     evaluated = [record for record in epochs if record.get("mAP") is not None]

@@ -333,10 +333,6 @@ def _method_row(out: Path, method: str, seeds: Sequence[int]) -> ResultRow:
 def format_table(rows: Sequence[ResultRow]) -> str:
     """The comparison table as markdown: mean ± std over seeds in %, F-scores of the first epoch."""
 
-    def score(value: tuple[float, float | None]) -> str:
-        mean, std = value
-        return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
-
     def first_epoch(row: ResultRow, key: str) -> str:
         refined = any(seed and seed[0] is not None for seed in row.epochs.get("refined_fscore", []))
         if key == "refined_changed" and not refined:
@@ -349,7 +345,8 @@ def format_table(rows: Sequence[ResultRow]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        cells = [row.method, str(len(row.seeds)), score(row.mAP), score(row.rank1), score(row.mINP)]
+        cells = [row.method, str(len(row.seeds))]
+        cells += [report.format_mean_std(score) for score in (row.mAP, row.rank1, row.mINP)]
         cells += [first_epoch(row, key) for key in ("coarse_fscore", "refined_fscore", "refined_changed")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

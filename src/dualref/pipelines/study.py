@@ -359,10 +359,7 @@ def write_study_report(study: Study) -> None:
 
 
 def _cell(value: tuple[float, float | None] | None, *, scale: float = 100.0, digits: int = 1) -> str:
-    if value is None:
-        return ""
-    mean, std = value
-    return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
+    return "" if value is None else report.format_mean_std(value, scale=scale, digits=digits)
 
 
 def plot_bands(
@@ -407,9 +404,9 @@ def plot_bands(
         means = [m for m, _ in stats]
         count = f"{len(seeds)} seed" + ("s" if len(seeds) > 1 else "")
         axes.plot(xs, means, marker="o", markersize=3, label=f"{name} ({count})")
-        if all(s is not None for _, s in stats):  # no band where an epoch has a single seed
-            low, high = [m - (s or 0.0) for m, s in stats], [m + (s or 0.0) for m, s in stats]
-            axes.fill_between(xs, low, high, alpha=0.2)
+        spread = [(m, s) for m, s in stats if s is not None]
+        if len(spread) == len(stats):  # no band while an epoch has a single seed
+            axes.fill_between(xs, [m - s for m, s in spread], [m + s for m, s in spread], alpha=0.2)
     if reference is not None:
         axes.axhline(reference[1], color="grey", linestyle="--", linewidth=1, label=reference[0])
     axes.set_xlabel("epoch")
