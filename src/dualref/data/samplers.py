@@ -9,6 +9,7 @@ global RNG, so a resumed run sees exactly the batches it would have seen. As wit
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -19,16 +20,40 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch]))
 
 
-def _check_common(batch_size: int, num_iterations: int, seed: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_iterations < 0:
-        raise ValueError(f"num_iterations must be >= 0, got {num_iterations}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+class _EpochBatchSampler:
+    """What both samplers share: exactly ``num_iterations`` batches an epoch, cut from an endless run of
+    passes (``_passes``) drawn from the epoch's (seed, epoch) generator."""
+
+    def __init__(self, *, batch_size: int, num_iterations: int, seed: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_iterations < 0:
+            raise ValueError(f"num_iterations must be >= 0, got {num_iterations}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.batch_size = batch_size
+        self.num_iterations = num_iterations
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next ``iter()`` produces."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_iterations
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(self._passes(_epoch_rng(self.seed, self.epoch)), self.num_iterations)
+
+    def _passes(self, rng: np.random.Generator) -> Iterator[list[int]]:
+        """Batches of dataset indices, pass after pass, without end."""
+        raise NotImplementedError
 
 
-class RandomIdentitySampler:
+class RandomIdentitySampler(_EpochBatchSampler):
     """Camera-aware P x K sampler: P identities per batch, K images each (the reference's sampler).
 
     One *pass* visits every identity (label >= 0) once, in random order. For each identity it picks a
@@ -68,7 +93,7 @@ class RandomIdentitySampler:
         num_iterations: int,
         seed: int,
     ) -> None:
-        _check_common(batch_size, num_iterations, seed)
+        super().__init__(batch_size=batch_size, num_iterations=num_iterations, seed=seed)
         if num_instances < 1 or batch_size % num_instances != 0:
             raise ValueError(
                 f"batch_size {batch_size} must be a positive multiple of num_instances {num_instances}"
@@ -83,26 +108,13 @@ class RandomIdentitySampler:
         valid = np.flatnonzero(labels_arr >= 0)
         if valid.size == 0:
             raise ValueError("no label >= 0 to sample from (all images are outliers)")
-        self.batch_size = batch_size
         self.num_instances = num_instances
         self.num_identities_per_batch = batch_size // num_instances
-        self.num_iterations = num_iterations
-        self.seed = seed
-        self.epoch = 0
         # Group dataset indices by label, in index order, once; camids grouped alike.
         order = valid[np.argsort(labels_arr[valid], kind="stable")]
         _, starts = np.unique(labels_arr[order], return_index=True)
         self._indices = np.split(order, starts[1:])
         self._camids = [camids_arr[group] for group in self._indices]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next ``iter()`` produces."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_iterations
 
     @property
     def num_identities(self) -> int:
@@ -122,20 +134,13 @@ class RandomIdentitySampler:
         companions = rng.choice(pool, size=k - 1, replace=pool.size < k)
         return [int(indices[position]), *(int(i) for i in companions)]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = _epoch_rng(self.seed, self.epoch)
-        p, num_ids = self.num_identities_per_batch, self.num_identities
-        produced = 0
-        while produced < self.num_iterations:
-            batches = _shuffled_groups(rng, num_ids, p)
-            for identities in batches:
+    def _passes(self, rng: np.random.Generator) -> Iterator[list[int]]:
+        while True:
+            for identities in _shuffled_groups(rng, self.num_identities, self.num_identities_per_batch):
                 yield [i for identity in identities for i in self._identity_chunk(identity, rng)]
-                produced += 1
-                if produced == self.num_iterations:
-                    return
 
 
-class RandomBatchSampler:
+class RandomBatchSampler(_EpochBatchSampler):
     """Plain shuffled batches (no P x K), exactly ``num_iterations`` per epoch.
 
     Used to forward target images during source training so BatchNorm statistics see the target
@@ -151,35 +156,15 @@ class RandomBatchSampler:
     """
 
     def __init__(self, num_samples: int, *, batch_size: int, num_iterations: int, seed: int) -> None:
-        _check_common(batch_size, num_iterations, seed)
+        super().__init__(batch_size=batch_size, num_iterations=num_iterations, seed=seed)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.num_iterations = num_iterations
-        self.seed = seed
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next ``iter()`` produces."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_iterations
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = _epoch_rng(self.seed, self.epoch)
-        n, b = self.num_samples, self.batch_size
-        produced = 0
-        while produced < self.num_iterations:
-            batches = _shuffled_groups(rng, n, b)
-            for batch in batches:
+    def _passes(self, rng: np.random.Generator) -> Iterator[list[int]]:
+        while True:
+            for batch in _shuffled_groups(rng, self.num_samples, self.batch_size):
                 yield batch.tolist()
-                produced += 1
-                if produced == self.num_iterations:
-                    return
 
 
 def _shuffled_groups(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
